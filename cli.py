@@ -1,0 +1,216 @@
+"""hcx-cli: run HyperCLOVA X SEED Vision locally (no server), or start the server.
+
+Every command calls the same functions as the HTTP routes (server.prompt_request,
+server.stream, server.generate), so the terminal and the API answer alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import click
+
+import server
+
+EXIT_BAD_INPUT = 2
+
+
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--model-path", envvar=None, default=None, help="Model folder or hub id (overrides MODEL_PATH).")
+@click.option("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (overrides DEVICE).")
+@click.option("--dtype", default=None, help="auto, bfloat16, float16 or float32 (overrides DTYPE).")
+@click.option("--demo", is_flag=True, help="Use a tiny random-weight demo model (no download; gibberish answers).")
+@click.option("-v", "--verbose", is_flag=True, help="Log loading and generation details to stderr.")
+@click.version_option(server.__version__, prog_name="hcx-cli")
+@click.pass_context
+def main(ctx: click.Context, model_path, device, dtype, demo, verbose) -> None:
+    """Local inference and server for HyperCLOVA X SEED Vision Instruct 3B."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    env = server.environment()
+    env.update({key: value for key, value in (("MODEL_PATH", model_path), ("DEVICE", device), ("DTYPE", dtype),
+                                              ("DEMO", "1" if demo else None)) if value})
+    try:
+        ctx.obj = server.load_config(env)
+    except server.ConfigError as exc:
+        fail(str(exc))
+
+
+def start_engine(cfg: server.Config) -> server.Engine:
+    """Load the model in this process; a load failure is one clear line and exit 1."""
+    if cfg.demo:
+        click.echo("note: DEMO MODE, a tiny random-weight model; answers are gibberish", err=True)
+    try:
+        return server.Engine(cfg).start(wait=True)
+    except server.ModelLoadError as exc:
+        fail(str(exc), code=1)
+
+
+def read_image(path: str, cfg: server.Config):
+    """A file path or '-' (stdin) -> RGB image, with the same checks as the API."""
+    try:
+        raw = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    except OSError as exc:
+        fail(f"cannot read {path}: {exc.strerror or exc}")
+    try:
+        return server.open_image(raw, cfg, param="stdin" if path == "-" else path)
+    except server.InputError as exc:
+        fail(f"{path}: {exc.message}" + (f" ({exc.detail})" if exc.detail != exc.message else ""))
+
+
+def answer(engine: server.Engine, req: server.GenerationRequest, streaming: bool) -> server.Completion:
+    """Print one answer (streamed piece by piece or at once) and return its completion."""
+    try:
+        if not streaming:
+            completion = server.generate(engine, req)
+            return completion
+        pieces = server.stream(engine, req)
+        text = []
+        for piece in pieces:
+            text.append(piece)
+            click.echo(piece, nl=False)
+            sys.stdout.flush()
+        click.echo()
+        return dataclasses.replace(pieces.completion, text="".join(text))
+    except server.InputError as exc:
+        fail(exc.message)
+    except server.GenerationError as exc:
+        fail(str(exc), code=1)
+
+
+def sampling_options(f):
+    for option in reversed([
+        click.option("--max-tokens", type=click.IntRange(1), default=None, help="Most new tokens per answer."),
+        click.option("--temperature", type=click.FloatRange(0, 2), default=None, help="0 = greedy."),
+        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None),
+        click.option("--seed", type=int, default=None, help="Fix sampling for reproducible answers."),
+    ]):
+        f = option(f)
+    return f
+
+
+def request_body(prompt: str, max_tokens, temperature, top_p, seed) -> dict:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+    return {k: v for k, v in body.items() if v is not None}
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True)
+@click.option("--prompt", default="Describe this image.", show_default=True)
+@click.option("--stream/--no-stream", default=True, show_default=True, help="Print tokens as they arrive.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per image (for scripts).")
+@sampling_options
+@click.pass_obj
+def describe(cfg: server.Config, images, prompt, stream, as_json, max_tokens, temperature, top_p, seed):
+    """Describe IMAGE(s) locally, no server. '-' reads an image from stdin."""
+    loaded = [(path, read_image(path, cfg)) for path in images]  # bad input fails before the slow load
+    engine = start_engine(cfg)
+    for path, image in loaded:
+        body = request_body(prompt, max_tokens, temperature, top_p, seed)
+        try:
+            req = server.prompt_request(body, cfg)
+        except server.InputError as exc:
+            fail(exc.message)
+        req.messages[-1].images = [image]
+        if as_json:
+            c = answer(engine, req, streaming=False)
+            click.echo(json.dumps({"image": path, "result": c.text, "finish_reason": c.finish_reason,
+                                   "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens},
+                                  ensure_ascii=False))
+            continue
+        if len(loaded) > 1:
+            click.echo(f"== {path}")
+        c = answer(engine, req, streaming=stream)
+        if not stream:
+            click.echo(c.text)
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--stream/--no-stream", default=True, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of text.")
+@sampling_options
+@click.pass_obj
+def ask(cfg: server.Config, prompt, stream, as_json, max_tokens, temperature, top_p, seed):
+    """Ask a text-only PROMPT locally, no server."""
+    try:
+        req = server.prompt_request(request_body(prompt, max_tokens, temperature, top_p, seed), cfg)
+    except server.InputError as exc:
+        fail(exc.message)
+    engine = start_engine(cfg)
+    c = answer(engine, req, streaming=stream and not as_json)
+    if as_json:
+        click.echo(json.dumps({"result": c.text, "finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
+                               "completion_tokens": c.completion_tokens}, ensure_ascii=False))
+    elif not stream:
+        click.echo(c.text)
+
+
+@main.command()
+@click.option("--host", default=None, help="Bind address (default HOST or 127.0.0.1).")
+@click.option("--port", type=click.IntRange(1, 65535), default=None, help="Port (default PORT or 8000).")
+@click.option("--threads", type=click.IntRange(1, 1024), default=None, help="gunicorn threads (default MAX_QUEUE + 4).")
+@click.pass_obj
+def serve(cfg: server.Config, host, port, threads):
+    """Start the HTTP server: gunicorn, one gthread worker."""
+    overrides = {k: v for k, v in {"host": host, "port": port, "threads": threads}.items() if v is not None}
+    cfg = dataclasses.replace(cfg, **overrides)
+    if cfg.demo:
+        click.echo("note: DEMO MODE, serving a tiny random-weight model; answers are gibberish", err=True)
+    server.serve(cfg)
+
+
+@main.command()
+@click.pass_obj
+def download(cfg: server.Config):
+    """Download the model into the cache (or MODEL_PATH) with progress, without loading it."""
+    try:
+        folder = server.locate_model(cfg)
+    except server.ModelLoadError as exc:
+        fail(str(exc), code=1)
+    click.echo(f"model ready in {folder}")
+
+
+@main.command()
+@click.option("--max-tokens", type=click.IntRange(1), default=32, show_default=True)
+@click.pass_obj
+def selfcheck(cfg: server.Config, max_tokens):
+    """Load the model, answer one image prompt, print load time, TTFT and tokens/s."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (378, 378), "white")
+    ImageDraw.Draw(image).rectangle((80, 80, 300, 300), fill="red")
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    started = time.perf_counter()
+    engine = start_engine(cfg)
+    load_s = time.perf_counter() - started
+    req = server.prompt_request({"prompt": "What shape and colour is in this image?", "max_tokens": max_tokens,
+                                 "seed": 0}, cfg)
+    req.messages[-1].images = [server.open_image(buf.getvalue(), cfg)]
+    c = answer(engine, req, streaming=False)
+    m = engine.model
+    decode_s = max(c.total_s - c.ttft_s, 1e-9)
+    click.echo(f"model: {m.name} ({m.kind}) from {m.path}")
+    click.echo(f"device: {m.device}  dtype: {str(m.dtype).replace('torch.', '')}")
+    click.echo(f"answer: {c.text!r}")
+    click.echo(f"load_s={load_s:.2f} ttft_s={c.ttft_s:.3f} prompt_tokens={c.prompt_tokens} "
+               f"completion_tokens={c.completion_tokens} "
+               f"decode_tok_s={(max(c.completion_tokens - 1, 0)) / decode_s:.1f}")
+    if c.completion_tokens < 1:
+        fail("the model produced no tokens", code=1)
+
+
+if __name__ == "__main__":
+    main()
