@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -169,6 +170,49 @@ def serve(cfg: server.Config, host, port, threads):
     if cfg.demo:
         click.echo("note: DEMO MODE, serving a tiny random-weight model; answers are gibberish", err=True)
     server.serve(cfg)
+
+
+@main.command()
+@click.pass_obj
+def mcp(cfg: server.Config):
+    """Serve MCP over stdio (newline-delimited JSON-RPC); logs go to stderr.
+
+    The model loads in the background so `initialize` is answered at once; tool calls wait
+    for it. Tool calls run on their own thread so `notifications/cancelled` can stop them.
+    """
+    protocol_out = sys.stdout
+    sys.stdout = sys.stderr  # anything a library prints must not corrupt the protocol stream
+    handler = server.McpServer(server.Engine(cfg).start(), stdio=True)
+    write_lock = threading.Lock()
+
+    def send(message: dict) -> None:
+        with write_lock:
+            protocol_out.write(json.dumps(message, ensure_ascii=False) + "\n")
+            protocol_out.flush()
+
+    def run(message) -> None:
+        for reply in handler.handle(message, progress=True):
+            send(reply)
+
+    workers = []
+    for raw in sys.stdin.buffer:
+        if not raw.strip():
+            continue
+        try:
+            message = server.parse_json(raw)
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            send(server.jsonrpc_error(None, -32700, f"parse error: {exc}"))
+            continue
+        for item in message if isinstance(message, list) and message else [message]:
+            if isinstance(item, dict) and item.get("method") == "tools/call":
+                worker = threading.Thread(target=run, args=(item,), daemon=True)
+                worker.start()
+                workers.append(worker)
+            else:
+                run(item)
+        workers = [w for w in workers if w.is_alive()]
+    for worker in workers:  # stdin closed: let answers in progress finish
+        worker.join(timeout=300)
 
 
 @main.command()

@@ -8,7 +8,8 @@ One module, read top to bottom:
                           turn a request into model tensors.
   4. Generation        -- one engine thread owns the model; generate() and stream() share one
                           code path (submit a job, follow its tokens, detokenize safely).
-  5. HTTP routes       -- the seed REST contract and /health. Routes never touch torch.
+  5. HTTP routes       -- the seed REST contract, the OpenAI-compatible API, MCP (JSON-RPC,
+                          also served over stdio by the CLI), /health. Routes never touch torch.
   6. App factory       -- create_app(config) and the gunicorn runner (1 gthread worker).
 """
 
@@ -47,12 +48,19 @@ __version__ = "0.1.0"
 # ======================================================================================
 
 HCX_HUB_ID = "naver-hyperclovax/HyperCLOVAX-SEED-Vision-Instruct-3B"
-# The remote code changed between revisions: trust_remote_code only ever runs this one.
-HCX_REVISION = "main"
+# The remote code changed between revisions (a later one swapped in a text=/images= processor):
+# trust_remote_code only runs this one, the first upload, whose model-card interface we follow.
+# A short commit id is expanded against the repo's history before download (see resolve_revision).
+HCX_REVISION = "42c6bee"
 DEMO_MODEL_NAME = "hcx-demo-tiny-random"
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, mps"
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 VISION_DTYPE_CHOICES = ("auto", "float32")
+
+
+# Browser pages served from these origins may call the API; ":*" means any port.
+DEFAULT_ALLOWED_ORIGINS = ("http://localhost:*", "http://127.0.0.1:*", "http://[::1]:*",
+                           "https://localhost:*", "https://127.0.0.1:*", "https://[::1]:*")
 
 
 class ConfigError(ValueError):
@@ -81,6 +89,10 @@ class Config:
     max_image_pixels: int = 64_000_000
     max_images: int = 4
     log_prompts: bool = False
+    allow_remote_images: bool = False
+    remote_image_timeout: float = 10.0
+    api_key: str | None = None
+    allowed_origins: tuple[str, ...] = DEFAULT_ALLOWED_ORIGINS
     demo: bool = False
     demo_dir: str = ""
 
@@ -126,6 +138,16 @@ def _env_choice(env: Mapping[str, str], key: str, default: str, choices: tuple[s
     return value
 
 
+def _env_origins(env: Mapping[str, str]) -> tuple[str, ...]:
+    raw = _env_str(env, "ALLOWED_ORIGINS", ",".join(DEFAULT_ALLOWED_ORIGINS))
+    origins = tuple(o.strip().rstrip("/") for o in raw.split(",") if o.strip())
+    for origin in origins:
+        if origin != "*" and not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/\s]+", origin):
+            raise ConfigError(f"ALLOWED_ORIGINS entry {origin!r} is not valid: expected '*' or "
+                              "scheme://host[:port|:*], comma-separated")
+    return origins
+
+
 def environment() -> dict[str, str]:
     """The process environment over the nearest .env file (the environment wins)."""
     from dotenv import dotenv_values, find_dotenv
@@ -163,6 +185,10 @@ def load_config(env: Mapping[str, str] | None = None, **overrides: Any) -> Confi
         max_image_pixels=_env_int(env, "MAX_IMAGE_PIXELS", 64_000_000, 1, 1 << 34),
         max_images=_env_int(env, "MAX_IMAGES", 4, 1, 64),
         log_prompts=_env_bool(env, "LOG_PROMPTS", False),
+        allow_remote_images=_env_bool(env, "ALLOW_REMOTE_IMAGES", False),
+        remote_image_timeout=float(_env_int(env, "REMOTE_IMAGE_TIMEOUT", 10, 1, 300)),
+        api_key=_env_str(env, "API_KEY", "") or None,
+        allowed_origins=_env_origins(env),
         demo=_env_bool(env, "DEMO", False),
         demo_dir=_env_str(env, "DEMO_MODEL_DIR", str(Path.home() / ".cache" / "hcx-server" / DEMO_MODEL_NAME)),
     )
@@ -262,6 +288,7 @@ def download_model(repo_id: str, revision: str, token: str | None, local_dir: st
     where = local_dir or cache_dir or "the Hugging Face cache"
     log.info("downloading %s (revision %s) into %s; this is ~7.3 GB on first run", repo_id, revision, where)
     try:
+        revision = resolve_revision(repo_id, revision, token)
         return snapshot_download(repo_id=repo_id, revision=revision, token=token, local_dir=local_dir,
                                  cache_dir=None if local_dir else cache_dir)
     except GatedRepoError:
@@ -276,8 +303,22 @@ def download_model(repo_id: str, revision: str, token: str | None, local_dir: st
     except LocalEntryNotFoundError:
         raise ModelLoadError(f"{repo_id} is not in {where} and the hub cannot be reached (offline, "
                              "HF_HUB_OFFLINE=1, or no network); download it first or fix MODEL_PATH") from None
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # requests' errors are OSErrors; hub HTTP errors too
         raise ModelLoadError(f"downloading {repo_id} into {where} failed: {exc}") from None
+
+
+def resolve_revision(repo_id: str, revision: str, token: str | None) -> str:
+    """Expand a short commit id to the full one from the repo history (the hub wants full ids)."""
+    if not re.fullmatch(r"[0-9a-f]{7,39}", revision):
+        return revision
+    from huggingface_hub import HfApi
+
+    matches = {c.commit_id for c in HfApi().list_repo_commits(repo_id, token=token)
+               if c.commit_id.startswith(revision)}
+    if len(matches) != 1:
+        raise ModelLoadError(f"MODEL_REVISION={revision} matches {len(matches)} commits of {repo_id}; "
+                             "give the full 40-character commit id")
+    return matches.pop()
 
 
 def locate_model(cfg: Config) -> Path:
@@ -405,10 +446,18 @@ def stop_token_ids(tokenizer, model) -> tuple[int, ...]:
 def context_length(model, tokenizer) -> int:
     """The decoder's context window, from its config (text_config for multimodal models)."""
     config = model.config
-    for cfg in (getattr(config, "text_config", None), getattr(config, "language_config", None), config):
-        value = getattr(cfg, "max_position_embeddings", None) if cfg is not None else None
+    limits = []
+    for sub in (getattr(config, "text_config", None), getattr(config, "language_config", None), config):
+        value = sub.get("max_position_embeddings") if isinstance(sub, dict) else \
+            getattr(sub, "max_position_embeddings", None)
         if isinstance(value, int) and value > 0:
-            return value
+            limits.append(value)
+            break
+    decoder_max = getattr(config, "decoder_max_length", None)  # HCX clamps inputs to it silently
+    if isinstance(decoder_max, int) and decoder_max > 0:
+        limits.append(decoder_max)
+    if limits:
+        return min(limits)
     limit = getattr(tokenizer, "model_max_length", 0)
     return limit if 0 < limit < 10**7 else 16384
 
@@ -692,15 +741,204 @@ def with_system_prompt(messages: list[Message], cfg: Config) -> list[Message]:
     return messages
 
 
-def prompt_request(body: Mapping, cfg: Config) -> GenerationRequest:
-    """The seed contract {"prompt", "image_base64"} (+ optional sampling fields)."""
+def image_from_path(path: str, cfg: Config, param: str = "image_path") -> Image.Image:
+    """A local file (stdio MCP and the CLI run as the user, so reading their files is fine)."""
+    try:
+        raw = Path(os.path.expanduser(path)).read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read {param} {path!r}: {exc.strerror or exc}", param=param,
+                         code="invalid_image") from None
+    return open_image(raw, cfg, param)
+
+
+def prompt_request(body: Mapping, cfg: Config, allow_image_path: bool = False) -> GenerationRequest:
+    """The seed contract {"prompt", "image_base64"} (+ optional sampling fields); also the MCP tool."""
     prompt = field_str(body, "prompt", required=True)
     if not prompt.strip():
         raise InputError("'prompt' must not be empty", param="prompt", code="empty_prompt")
     image_b64 = field_str(body, "image_base64")
+    image_path = field_str(body, "image_path")
+    if image_path and not allow_image_path:
+        raise InputError("'image_path' is only accepted over stdio (hcx-cli mcp); send image_base64",
+                         param="image_path", code="invalid_value")
     images = [decode_image(image_b64, cfg)] if image_b64 and image_b64.strip() else []
+    if image_path:
+        images.append(image_from_path(image_path, cfg))
     messages = with_system_prompt([Message("user", prompt, images)], cfg)
     return GenerationRequest(messages=messages, **sampling_fields(body, cfg))
+
+
+# -- OpenAI chat completions --------------------------------------------------------------
+
+OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+def reject_unsupported(body: Mapping) -> None:
+    """Fields that would change the answer's meaning if silently ignored are a 400 naming them."""
+    checks = {
+        "tools": lambda v: bool(v), "functions": lambda v: bool(v),
+        "tool_choice": lambda v: v not in (None, "none"), "function_call": lambda v: v not in (None, "none"),
+        "response_format": lambda v: not (isinstance(v, dict) and v.get("type") == "text"),
+        "logprobs": lambda v: v is not False, "top_logprobs": lambda v: bool(v), "logit_bias": lambda v: bool(v),
+        "frequency_penalty": lambda v: v != 0, "presence_penalty": lambda v: v != 0,
+        "audio": lambda v: True, "prediction": lambda v: True,
+        "modalities": lambda v: v != ["text"],
+    }
+    for name, unsupported in checks.items():
+        if body.get(name) is not None and unsupported(body[name]):
+            raise InputError(f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
+    n = field_int(body, "n", 1, 2**31 - 1)
+    if n not in (None, 1):
+        raise InputError("only n=1 is supported", param="n", code="unsupported_parameter")
+
+
+def openai_stop(value) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops) or len(stops) > 4:
+        raise InputError("'stop' must be a string or a list of at most 4 strings", param="stop", code="invalid_type")
+    return tuple(s for s in stops if s)
+
+
+def image_from_url(url: str, cfg: Config, param: str) -> Image.Image:
+    """data: URLs always; http(s) only when ALLOW_REMOTE_IMAGES=1 (and never to private addresses)."""
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme == "data":
+        return decode_image(url, cfg, param)
+    if scheme in ("http", "https"):
+        if not cfg.allow_remote_images:
+            raise InputError("remote image URLs are disabled: send a data:image/...;base64 URL "
+                             "(or start the server with ALLOW_REMOTE_IMAGES=1)", param=param, code="invalid_image_url")
+        return fetch_remote_image(url, cfg, param)
+    raise InputError("image_url must be a data: URL (or http(s) with ALLOW_REMOTE_IMAGES=1)", param=param,
+                     code="invalid_image_url")
+
+
+def is_blocked_address(address) -> bool:
+    """Loopback, private, link-local, reserved, multicast: never fetched (SSRF guard)."""
+    mapped = getattr(address, "ipv4_mapped", None)
+    address = mapped or address
+    return not address.is_global or address.is_multicast
+
+
+def fetch_remote_image(url: str, cfg: Config, param: str = "image_url",
+                       blocked: Callable[[Any], bool] = is_blocked_address) -> Image.Image:
+    """GET an image with a byte limit and a deadline, connecting only to the checked address."""
+    import http.client
+    import ipaddress
+    import socket
+    import ssl
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InputError("image_url is not a valid http(s) URL", param=param, code="invalid_image_url")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        raise InputError(f"cannot resolve image host {parts.hostname!r}", param=param, code="invalid_image_url") from None
+    addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+    if not addresses or any(blocked(a) for a in addresses):
+        raise InputError("image_url points to a loopback, private or reserved address; refused", param=param,
+                         code="invalid_image_url")
+    pinned = str(addresses[0])
+    deadline = time.monotonic() + cfg.remote_image_timeout
+
+    class Pinned(http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection):
+        def connect(self):
+            sock = socket.create_connection((pinned, port), timeout=cfg.remote_image_timeout)
+            if parts.scheme == "https":
+                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=parts.hostname)
+            self.sock = sock
+
+    conn = Pinned(parts.hostname, port, timeout=cfg.remote_image_timeout)
+    try:
+        conn.request("GET", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
+                     headers={"User-Agent": f"hcx-server/{__version__}", "Accept": "image/*"})
+        response = conn.getresponse()
+        if response.status != 200:
+            raise InputError(f"fetching the image returned HTTP {response.status}", param=param,
+                             code="invalid_image_url")
+        chunks, size = [], 0
+        while chunk := response.read(65536):
+            size += len(chunk)
+            if size > cfg.max_image_bytes:
+                raise InputError(f"remote image is larger than MAX_IMAGE_BYTES={cfg.max_image_bytes}", status=413,
+                                 param=param, code="image_too_large")
+            if time.monotonic() > deadline:
+                raise TimeoutError
+            chunks.append(chunk)
+    except (OSError, http.client.HTTPException, TimeoutError) as exc:
+        raise InputError(f"fetching the image failed: {type(exc).__name__}", param=param,
+                         code="invalid_image_url") from None
+    finally:
+        conn.close()
+    return open_image(b"".join(chunks), cfg, param)
+
+
+def openai_message(index: int, message, cfg: Config) -> Message:
+    where = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise InputError(f"{where} must be an object", param=where, code="invalid_type")
+    role = message.get("role")
+    if role not in OPENAI_ROLES:
+        raise InputError(f"{where}.role must be one of system, developer, user, assistant (got {role!r})",
+                         param=f"{where}.role", code="invalid_value")
+    content = message.get("content")
+    if isinstance(content, str):
+        return Message(OPENAI_ROLES[role], content)
+    if content is None and role == "assistant":
+        return Message("assistant", "")
+    if not isinstance(content, list):
+        raise InputError(f"{where}.content must be a string or a list of parts", param=f"{where}.content",
+                         code="invalid_type")
+    texts, images = [], []
+    for j, part in enumerate(content):
+        at = f"{where}.content[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "image_url" and role == "user":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            if not isinstance(url, str):
+                raise InputError(f"{at}.image_url.url must be a string", param=f"{at}.image_url", code="invalid_type")
+            images.append(image_from_url(url, cfg, f"{at}.image_url"))
+        else:
+            raise InputError(f"{at} must be a text part (or an image_url part in a user message)", param=at,
+                             code="invalid_value")
+    return Message(OPENAI_ROLES[role], "\n".join(texts), images)
+
+
+def openai_request(body: Mapping, cfg: Config) -> GenerationRequest:
+    """/v1/chat/completions body -> GenerationRequest (unsupported meaning-changing fields are 400s)."""
+    reject_unsupported(body)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InputError("'messages' must be a non-empty list", param="messages", code="invalid_value")
+    parsed = [openai_message(i, m, cfg) for i, m in enumerate(messages)]
+    if not any(m.role == "user" for m in parsed):
+        raise InputError("'messages' needs at least one user message", param="messages", code="invalid_value")
+    if field_str(body, "model") is None and "model" in body:
+        raise InputError("'model' must be a string", param="model", code="invalid_type")
+    return GenerationRequest(messages=with_system_prompt(parsed, cfg), stop=openai_stop(body.get("stop")),
+                             **sampling_fields(body, cfg))
+
+
+def stream_options(body: Mapping, streaming: bool) -> bool:
+    """include_usage from stream_options (only meaningful with stream=true)."""
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise InputError("'stream_options' must be an object like {\"include_usage\": true}",
+                         param="stream_options", code="invalid_type")
+    if not streaming:
+        raise InputError("'stream_options' is only allowed with stream=true", param="stream_options",
+                         code="invalid_value")
+    return options.get("include_usage", False)
 
 
 # -- from a request to model tensors ----------------------------------------------------
@@ -712,16 +950,16 @@ class ModelInputs:
     prompt_tokens: int
 
 
-def to_model(tensors: Mapping[str, Any], m: LoadedModel) -> dict[str, Any]:
-    """Move to the device; cast ONLY floating tensors (pixel values), never ids or sizes (the fp16 fix)."""
-    out = {}
-    for key, value in tensors.items():
-        if isinstance(value, torch.Tensor):
-            value = value.to(m.device, dtype=m.vision_dtype if value.is_floating_point() else None)
-        elif isinstance(value, list) and value and all(isinstance(v, torch.Tensor) for v in value):
-            value = [v.to(m.device, dtype=m.vision_dtype if v.is_floating_point() else None) for v in value]
-        out[key] = value
-    return out
+def to_model(value: Any, m: LoadedModel) -> Any:
+    """Move tensors (also inside HCX's nested lists) to the device; cast ONLY floating ones
+    (pixel values) to the vision dtype, never ids, sizes or masks (the fp16 fix)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(m.device, dtype=m.vision_dtype if value.is_floating_point() else None)
+    if isinstance(value, dict):
+        return {key: to_model(item, m) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_model(item, m) for item in value)
+    return value
 
 
 def build_generic_inputs(m: LoadedModel, req: GenerationRequest) -> ModelInputs:
@@ -739,21 +977,35 @@ def build_generic_inputs(m: LoadedModel, req: GenerationRequest) -> ModelInputs:
 
 
 def build_hcx_inputs(m: LoadedModel, req: GenerationRequest) -> ModelInputs:
-    """The model card's flow: one content dict per message, load_images_videos, processor, template."""
+    """The model card's flow: one content dict per message (text, then its images, as bytes --
+    never a client string, which the remote preprocessor would open as a path or URL)."""
     if not req.image_count:
         chat = [{"role": msg.role, "content": msg.text} for msg in req.messages]
         ids = m.tokenizer.apply_chat_template(chat, return_tensors="pt", tokenize=True, add_generation_prompt=True)
-        return ModelInputs(to_model({"input_ids": ids}, m), int(ids.shape[1]))
-    chat = []
+        return ModelInputs(to_model({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, m), int(ids.shape[1]))
+    if not hasattr(m.processor, "load_images_videos"):
+        raise GenerationError("this HCX revision's processor has no load_images_videos(); set MODEL_REVISION "
+                              f"to the revision this server follows ({HCX_REVISION})")
+    chat, count = [], 0
     for msg in req.messages:
-        for n, img in enumerate(msg.images):
-            chat.append({"role": msg.role, "content": {"type": "image", "filename": f"image_{n}.png", "image": img}})
         chat.append({"role": msg.role, "content": {"type": "text", "text": msg.text}})
+        for img in msg.images:
+            chat.append({"role": msg.role, "content": {"type": "image", "filename": f"image_{count}.png",
+                                                       "image": png_bytes(img)}})
+            count += 1
     new_chat, images, is_video_list = m.processor.load_images_videos(chat)
-    pre = m.processor(images, is_video_list=is_video_list)
+    pre = dict(m.processor(images, is_video_list=is_video_list))
     ids = m.tokenizer.apply_chat_template(new_chat, return_tensors="pt", tokenize=True, add_generation_prompt=True)
-    tensors = to_model({"input_ids": ids, **pre}, m)
-    return ModelInputs(tensors, int(ids.shape[1]))
+    # one <|dummy3|> per image in the ids; the model expands each into vision_query_lengths embeddings
+    vision_tokens = sum(sum(lengths) for lengths in pre.get("vision_query_lengths", []))
+    prompt_tokens = int(ids.shape[1]) - count + int(vision_tokens)
+    return ModelInputs(to_model({"input_ids": ids, **pre}, m), prompt_tokens)
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
 
 
 def build_inputs(m: LoadedModel, req: GenerationRequest) -> ModelInputs:
@@ -837,12 +1089,14 @@ def run_generation(m: LoadedModel, job: Job) -> None:
 
     class ForwardIds(BaseStreamer):
         prompt_skipped = False
+        forwarded = 0
 
         def put(self, value):
-            if not self.prompt_skipped:  # generate() first hands over the prompt
+            if not self.prompt_skipped:  # generate() first hands over the prompt (empty for embeds)
                 self.prompt_skipped = True
                 return
             for token_id in value.reshape(-1).tolist():
+                self.forwarded += 1
                 job.events.put(("token", token_id))
 
         def end(self):
@@ -853,11 +1107,27 @@ def run_generation(m: LoadedModel, job: Job) -> None:
             return torch.full((input_ids.shape[0],), job.cancelled.is_set(), dtype=torch.bool,
                               device=input_ids.device)
 
-    torch.manual_seed(job.request.seed if job.request.seed is not None else torch.seed())
+    if job.request.seed is not None:
+        torch.manual_seed(job.request.seed)
+    else:
+        torch.seed()  # an earlier seeded request must not make this one predictable
+    streamer = ForwardIds()
     with torch.inference_mode():
-        m.model.generate(**job.inputs.tensors, **sampling_kwargs(job.request, job.max_new_tokens),
-                         eos_token_id=list(m.stop_token_ids), pad_token_id=m.pad_token_id,
-                         streamer=ForwardIds(), stopping_criteria=StoppingCriteriaList([StopWhenCancelled()]))
+        out = m.model.generate(**job.inputs.tensors, **sampling_kwargs(job.request, job.max_new_tokens),
+                               eos_token_id=list(m.stop_token_ids), pad_token_id=m.pad_token_id,
+                               streamer=streamer, stopping_criteria=StoppingCriteriaList([StopWhenCancelled()]))
+    if not streamer.forwarded:  # remote code that drops the streamer: hand over the ids at the end
+        for token_id in new_token_ids(out, job.inputs.tensors["input_ids"][0]):
+            job.events.put(("token", token_id))
+
+
+def new_token_ids(out, prompt_ids: torch.Tensor) -> list[int]:
+    """generate() returns prompt + answer from input ids, only the answer from embeddings."""
+    sequence = (out.sequences if hasattr(out, "sequences") else out)[0]
+    n = prompt_ids.shape[0]
+    if sequence.shape[0] > n and torch.equal(sequence[:n], prompt_ids):
+        sequence = sequence[n:]
+    return sequence.tolist()
 
 
 def describe_failure(exc: BaseException) -> str:
@@ -893,10 +1163,7 @@ class Engine:
         self._thread = threading.Thread(target=self._main, name="hcx-engine", daemon=True)
         self._thread.start()
         if wait:
-            while self.state == "loading":
-                time.sleep(0.02)
-            if self.state == "error":
-                raise ModelLoadError(self.error)
+            self.wait_ready()
         return self
 
     def _main(self) -> None:
@@ -929,6 +1196,15 @@ class Engine:
                 job.events.put(("done", None))
             finally:
                 self.running = None
+
+    def wait_ready(self, timeout: float | None = None) -> LoadedModel:
+        """Block until loading ends (stdio MCP and the CLI have nothing else to do meanwhile)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.state == "loading" and (deadline is None or time.monotonic() < deadline):
+            time.sleep(0.05)
+        if self.state == "error":
+            raise ModelLoadError(self.error)
+        return self.require_model()
 
     def require_model(self) -> LoadedModel:
         if self.state == "ready":
@@ -1028,6 +1304,7 @@ class TextStream:
         self.m, self.job = m, job
         self.client_gone = client_gone or (lambda: False)
         self.completion: Completion | None = None
+        self.tokens = 0  # generated so far (MCP progress reads it)
 
     def cancel(self) -> None:
         self.job.cancel()
@@ -1044,7 +1321,7 @@ class TextStream:
     def __iter__(self) -> Iterator[str]:
         job, m = self.job, self.m
         detok, stops = Detokenizer(m.tokenizer), StopStrings(job.request.stop)
-        count, first_at, finish, stopped_on_token = 0, None, "length", False
+        first_at, finish, stopped_on_token = None, "length", False
         try:
             for kind, value in self._events():
                 if kind == "error":
@@ -1053,7 +1330,7 @@ class TextStream:
                     break
                 if first_at is None:
                     first_at = time.perf_counter()
-                count += 1
+                self.tokens += 1
                 if value in m.stop_token_ids:
                     stopped_on_token = True
                     continue
@@ -1071,10 +1348,10 @@ class TextStream:
                 finish = "stop"
             elif job.cancelled.is_set():
                 finish = "cancelled"
-            elif count < job.max_new_tokens:
+            elif self.tokens < job.max_new_tokens:
                 finish = "stop"
             now = time.perf_counter()
-            self.completion = Completion("", finish, job.inputs.prompt_tokens, count,
+            self.completion = Completion("", finish, job.inputs.prompt_tokens, self.tokens,
                                          (first_at or now) - job.submitted, now - job.submitted)
         finally:
             job.cancel()  # no-op when finished; stops the engine if the consumer went away early
@@ -1094,17 +1371,28 @@ def generate(engine: Engine, req: GenerationRequest, client_gone: Callable[[], b
 
 
 # ======================================================================================
-# 5. HTTP routes
+# 5. HTTP routes (seed REST, OpenAI-compatible, MCP) -- no torch below this line
 # ======================================================================================
+
+# -- request helpers ---------------------------------------------------------------------
+
+
+def parse_json(raw: bytes):
+    """Strict JSON: NaN/Infinity are not numbers; any decode problem is a ValueError."""
+    return json.loads(raw, parse_constant=_reject_constant)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a valid JSON number")
 
 
 def read_json_body() -> dict:
-    """Strict JSON object body: malformed JSON, NaN/Infinity and non-objects are 400s."""
+    """A JSON object body, or a 400 that says what is wrong with it."""
     raw = request.get_data(cache=True)
     if not raw.strip():
         raise InputError("request body is empty; send a JSON object", code="invalid_json")
     try:
-        body = json.loads(raw, parse_constant=_reject_constant)
+        body = parse_json(raw)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise InputError("request body is not valid JSON", code="invalid_json", detail=str(exc)) from None
     if not isinstance(body, dict):
@@ -1112,16 +1400,12 @@ def read_json_body() -> dict:
     return body
 
 
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not a valid JSON number")
-
-
-def wants_stream(body: Mapping) -> bool:
+def wants_stream(body: Mapping, allow_query: bool = True) -> bool:
     """`?stream=true` or a JSON `"stream": true` (a non-boolean JSON value is a 400)."""
     value = body.get("stream")
     if value is not None and not isinstance(value, bool):
         raise InputError("'stream' must be a boolean", param="stream", code="invalid_type")
-    query = request.args.get("stream", "").lower()
+    query = request.args.get("stream", "").lower() if allow_query else ""
     if query and query not in ("1", "true", "yes", "0", "false", "no"):
         raise InputError("query parameter 'stream' must be true or false", param="stream", code="invalid_value")
     return bool(value) or query in ("1", "true", "yes")
@@ -1129,6 +1413,8 @@ def wants_stream(body: Mapping) -> bool:
 
 def client_gone_check() -> Callable[[], bool]:
     """A cheap poll of the client's socket: readable with no data means it hung up."""
+    import socket
+
     sock = request.environ.get("gunicorn.socket")
 
     def gone() -> bool:
@@ -1136,53 +1422,433 @@ def client_gone_check() -> Callable[[], bool]:
             return False
         try:
             readable, _, _ = select.select([sock], [], [], 0)
-            if not readable:
-                return False
-            import socket as socket_module
-
-            return sock.recv(1, socket_module.MSG_PEEK) == b""
+            return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
         except (OSError, ValueError):
             return True
 
     return gone
 
 
-def error_json(status: int, message: str, detail: str | None = None) -> Response:
-    response = jsonify(error=message, detail=detail or message)
-    response.status_code = status
-    return response
+def record_completion(access: dict | None, completion: Completion | None) -> None:
+    """Token counts and TTFT for the access line."""
+    if completion is not None and access is not None:
+        access.update(tokens_in=completion.prompt_tokens, tokens_out=completion.completion_tokens,
+                      ttft_ms=round(completion.ttft_s * 1000, 1), finish=completion.finish_reason)
 
 
-def text_stream_response(pieces: TextStream) -> Response:
-    """text/plain chunks as tokens arrive; a failure ends the stream with `[error] <message>`."""
-
-    access = g.get("access")  # the generator runs after the request context is gone
-
-    def body() -> Iterator[str]:
-        try:
-            for piece in pieces:
-                yield piece
-        except GenerationError as exc:
-            yield f"\n[error] {exc}\n"
-        finally:
-            record_completion(access, pieces.completion)
-
-    response = Response(body(), mimetype="text/plain", content_type="text/plain; charset=utf-8")
+def streaming_response(events: Iterator[str], mimetype: str, pieces: TextStream) -> Response:
+    """A generator-backed response sent as produced; closing it cancels the generation."""
+    response = Response(events, mimetype=mimetype)
+    if mimetype == "text/plain":
+        response.headers["Content-Type"] = "text/plain; charset=utf-8"
     response.headers["X-Accel-Buffering"] = "no"
     response.headers["Cache-Control"] = "no-cache"
     response.call_on_close(pieces.cancel)
     return response
 
 
-def record_completion(access: dict | None, completion: Completion | None) -> None:
-    """Token counts and TTFT for the access line."""
-    if completion is not None and access is not None:
-        access.update(tokens_in=completion.prompt_tokens, tokens_out=completion.completion_tokens,
-                        ttft_ms=round(completion.ttft_s * 1000, 1), finish=completion.finish_reason)
+def text_stream_response(pieces: TextStream) -> Response:
+    """text/plain chunks as tokens arrive; a failure ends the stream with `[error] <message>`."""
+    access = g.get("access")  # the generator runs after the request context is gone
+
+    def body() -> Iterator[str]:
+        try:
+            yield from pieces
+        except GenerationError as exc:
+            yield f"\n[error] {exc}\n"
+        finally:
+            record_completion(access, pieces.completion)
+
+    return streaming_response(body(), "text/plain", pieces)
+
+
+# -- error shapes: one per API family ------------------------------------------------------
+
+OPENAI_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                      429: "rate_limit_error", 503: "server_error", 500: "server_error"}
+
+
+def openai_error(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": OPENAI_ERROR_TYPES.get(status, "invalid_request_error"),
+                      "param": param, "code": code}}
+
+
+def jsonrpc_error(msg_id, code: int, message: str, data=None) -> dict:
+    error = {"code": code, "message": message, **({"data": data} if data is not None else {})}
+    return {"jsonrpc": "2.0", "id": msg_id, "error": error}
+
+
+def error_response(status: int, message: str, detail: str | None = None, param: str | None = None,
+                   code: str | None = None, retry_after: int | None = None) -> Response:
+    """The error in the shape the caller's API speaks: seed {error, detail}, OpenAI, or JSON-RPC."""
+    if request.path.startswith("/v1/"):
+        body = openai_error(status, message, param, code)
+    elif request.path == "/mcp":
+        body = jsonrpc_error(None, -32000 if status != 404 else -32001, message)
+    else:
+        body = {"error": message, "detail": detail or message}
+    response = jsonify(body)
+    response.status_code = status
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(retry_after)
+    if status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="hcx-server"'
+    return response
+
+
+def register_errors(app: Flask) -> None:
+    """Every failure is JSON with the right status; no traceback ever reaches a client."""
+
+    @app.errorhandler(InputError)
+    def input_error(exc: InputError):
+        return error_response(exc.status, exc.message, exc.detail, exc.param, exc.code)
+
+    @app.errorhandler(Busy)
+    def busy(exc: Busy):
+        return error_response(503, str(exc), code="server_busy", retry_after=1)
+
+    @app.errorhandler(ModelNotReady)
+    def not_ready(exc: ModelNotReady):
+        return error_response(503, str(exc), code="model_not_ready", retry_after=5)
+
+    @app.errorhandler(GenerationError)
+    def generation_error(exc: GenerationError):
+        return error_response(500, str(exc), code="generation_failed")
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        return error_response(exc.code or 500, exc.name, exc.description, code=exc.name.lower().replace(" ", "_"))
+
+    @app.errorhandler(Exception)
+    def server_fault(exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(500, "internal server error", f"{type(exc).__name__}: {exc}", code="internal_error")
+
+
+# -- OpenAI-compatible responses -------------------------------------------------------------
+
+FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "stop"}
+
+
+def usage(c: Completion) -> dict:
+    return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+            "total_tokens": c.prompt_tokens + c.completion_tokens}
+
+
+def chat_completion(c: Completion, completion_id: str, created: int, model: str) -> dict:
+    return {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
+                         "logprobs": None, "finish_reason": FINISH_REASONS[c.finish_reason]}],
+            "usage": usage(c), "system_fingerprint": None}
+
+
+def sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def chat_completion_chunks(pieces: TextStream, completion_id: str, created: int, model: str,
+                           include_usage: bool, access: dict | None) -> Iterator[str]:
+    """SSE: role first, content deltas as tokens arrive, finish_reason, usage if asked, [DONE]."""
+
+    def chunk(delta: dict, finish: str | None = None, **extra) -> str:
+        choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+        return sse({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": choices, **({"usage": None} if include_usage else {}), **extra})
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        for piece in pieces:
+            yield chunk({"content": piece})
+    except GenerationError as exc:
+        yield sse(openai_error(500, str(exc), code="generation_failed"))
+        return
+    finally:
+        record_completion(access, pieces.completion)
+    c = pieces.completion
+    yield chunk({}, FINISH_REASONS[c.finish_reason])
+    if include_usage:
+        yield sse({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                   "choices": [], "usage": usage(c)})
+    yield sse("[DONE]")
+
+
+# -- MCP: JSON-RPC 2.0 handler shared by POST /mcp and stdio (hcx-cli mcp) --------------------
+
+MCP_PROTOCOL_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
+MCP_ASSUMED_VERSION = "2025-03-26"  # a request without MCP-Protocol-Version (Caret sends none)
+TOOL_NAME = "generate_hyperclovax_vision"
+
+
+class McpError(Exception):
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def tool_definition(cfg: Config, stdio: bool) -> dict:
+    properties = {
+        "prompt": {"type": "string", "minLength": 1, "description": "The question or instruction."},
+        "image_base64": {"type": "string", "description": "Optional image, base64 (a data:image/...;base64, "
+                                                          "prefix is accepted)."},
+        "max_tokens": {"type": "integer", "minimum": 1, "maximum": cfg.max_tokens_cap,
+                       "description": f"Most tokens to generate (default {cfg.max_new_tokens})."},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2, "description": "0 = greedy (default 0.5)."},
+        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "description": "Default 0.6."},
+        "seed": {"type": "integer", "description": "Fix sampling for a reproducible answer."},
+    }
+    if stdio:
+        properties["image_path"] = {"type": "string", "description": "Optional image file on this machine."}
+    return {"name": TOOL_NAME, "title": "HyperCLOVA X SEED Vision",
+            "description": "Answer a prompt about an optional image with HyperCLOVA X SEED Vision Instruct 3B "
+                           "(Korean and English), running locally.",
+            "inputSchema": {"type": "object", "properties": properties, "required": ["prompt"]},
+            "annotations": {"readOnlyHint": True, "openWorldHint": False}}
+
+
+def tool_result(text: str, is_error: bool = False) -> dict:
+    return {"content": [{"type": "text", "text": text}], "isError": is_error}
+
+
+class McpServer:
+    """The MCP protocol (tools only) over any transport: messages in, messages out.
+
+    handle() yields progress notifications while a tool runs (when asked for) and then the
+    response; it yields nothing for notifications. Sessions are just ids with a protocol
+    version; in-flight tool calls are kept so notifications/cancelled can stop them.
+    """
+
+    MAX_SESSIONS = 1024
+
+    def __init__(self, engine: Engine, stdio: bool = False):
+        self.engine, self.stdio = engine, stdio
+        self.sessions: dict[str, str] = {}  # id -> negotiated protocol version
+        self.inflight: dict[tuple[str, str], TextStream] = {}
+        self.lock = threading.Lock()
+
+    # -- sessions --
+    def open_session(self, version: str) -> str:
+        with self.lock:
+            while len(self.sessions) >= self.MAX_SESSIONS:
+                self.sessions.pop(next(iter(self.sessions)))
+            session = uuid.uuid4().hex
+            self.sessions[session] = version
+            return session
+
+    def has_session(self, session: str) -> bool:
+        return session in self.sessions
+
+    def close_session(self, session: str) -> bool:
+        with self.lock:
+            return self.sessions.pop(session, None) is not None
+
+    # -- messages --
+    def handle(self, msg, session: str = "", client_gone: Callable[[], bool] | None = None,
+               progress: bool = False) -> Iterator[dict]:
+        if not isinstance(msg, dict) or msg.get("jsonrpc") != "2.0":
+            yield jsonrpc_error(msg.get("id") if isinstance(msg, dict) else None, -32600,
+                                "invalid request: expected a JSON-RPC 2.0 object")
+            return
+        method, msg_id = msg.get("method"), msg.get("id")
+        if method is None and ("result" in msg or "error" in msg):
+            return  # a response to a server request; we send none, so nothing to do
+        if not isinstance(method, str) or ("id" in msg and (isinstance(msg_id, bool) or
+                                                           not isinstance(msg_id, (str, int)))):
+            yield jsonrpc_error(msg_id if isinstance(msg_id, (str, int)) else None, -32600,
+                                "invalid request: 'method' must be a string and 'id' a string or integer")
+            return
+        params = msg.get("params", {})
+        if "id" not in msg:
+            self.notification(method, params if isinstance(params, dict) else {}, session)
+            return
+        try:
+            if not isinstance(params, dict):
+                raise McpError(-32602, "'params' must be an object")
+            if method == "tools/call":
+                yield from self.call_tool(msg_id, params, session, client_gone, progress)
+                return
+            yield {"jsonrpc": "2.0", "id": msg_id, "result": self.dispatch(method, params)}
+        except McpError as exc:
+            yield jsonrpc_error(msg_id, exc.code, exc.message)
+
+    def dispatch(self, method: str, params: dict) -> dict:
+        if method == "initialize":
+            asked = params.get("protocolVersion")
+            return {"protocolVersion": asked if asked in MCP_PROTOCOL_VERSIONS else MCP_PROTOCOL_VERSIONS[-1],
+                    "capabilities": {"tools": {"listChanged": False}},
+                    "serverInfo": {"name": "hcx-server", "title": "HyperCLOVA X SEED Vision (local)",
+                                   "version": __version__},
+                    "instructions": f"Call {TOOL_NAME} to ask the local vision-language model about an image."}
+        if method == "ping":
+            return {}
+        if method == "tools/list":
+            return {"tools": [tool_definition(self.engine.cfg, self.stdio)]}
+        raise McpError(-32601, f"method not found: {method}")
+
+    def notification(self, method: str, params: dict, session: str) -> None:
+        if method == "notifications/cancelled":
+            with self.lock:
+                pieces = self.inflight.get((session, json.dumps(params.get("requestId"))))
+            if pieces is not None:
+                log.info("MCP request %s cancelled by the client", params.get("requestId"))
+                pieces.cancel()
+
+    def call_tool(self, msg_id, params: dict, session: str, client_gone, progress: bool) -> Iterator[dict]:
+        """Run the tool; input problems and busy/not-ready are tool errors (isError), not transport errors."""
+        if params.get("name") != TOOL_NAME:
+            raise McpError(-32602, f"unknown tool: {params.get('name')!r} (this server has {TOOL_NAME!r})")
+        arguments = params.get("arguments", {})
+        if not isinstance(arguments, dict):
+            raise McpError(-32602, "'arguments' must be an object")
+        meta = params.get("_meta")
+        token = meta.get("progressToken") if progress and isinstance(meta, dict) else None
+        try:
+            if self.stdio:
+                self.engine.wait_ready()
+            pieces = stream(self.engine, prompt_request(arguments, self.engine.cfg, self.stdio), client_gone)
+        except InputError as exc:
+            yield {"jsonrpc": "2.0", "id": msg_id, "result": tool_result(f"invalid input: {exc.message}", True)}
+            return
+        except (Busy, ModelNotReady, ModelLoadError) as exc:
+            yield {"jsonrpc": "2.0", "id": msg_id, "result": tool_result(str(exc), True)}
+            return
+        key = (session, json.dumps(msg_id))
+        with self.lock:
+            self.inflight[key] = pieces
+        text = []
+        try:
+            for piece in pieces:
+                text.append(piece)
+                if token is not None:
+                    yield {"jsonrpc": "2.0", "method": "notifications/progress",
+                           "params": {"progressToken": token, "progress": pieces.tokens,
+                                      "total": pieces.job.max_new_tokens,
+                                      "message": f"{pieces.tokens} tokens generated"}}
+        except GenerationError as exc:
+            yield {"jsonrpc": "2.0", "id": msg_id, "result": tool_result(str(exc), True)}
+            return
+        finally:
+            with self.lock:
+                self.inflight.pop(key, None)
+            pieces.cancel()
+        if pieces.completion.finish_reason == "cancelled":
+            yield jsonrpc_error(msg_id, -32800, "request cancelled")
+            return
+        yield {"jsonrpc": "2.0", "id": msg_id, "result": tool_result("".join(text))}
+
+
+def mcp_http(mcp: McpServer) -> Response:
+    """Streamable HTTP: one POSTed message (or a 2025-03-26 batch) -> JSON, SSE, or 202."""
+    version = request.headers.get("MCP-Protocol-Version")
+    if version is not None and version not in MCP_PROTOCOL_VERSIONS:
+        return mcp_json(jsonrpc_error(None, -32600, f"unsupported MCP-Protocol-Version {version!r}; supported: "
+                                                    f"{', '.join(MCP_PROTOCOL_VERSIONS)}"), 400)
+    session = request.headers.get("Mcp-Session-Id")
+    if session is not None and not mcp.has_session(session):
+        return mcp_json(jsonrpc_error(None, -32001, "unknown or expired session; initialize again"), 404)
+    try:
+        message = parse_json(request.get_data(cache=True))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        return mcp_json(jsonrpc_error(None, -32700, f"parse error: {exc}"), 400)
+    gone = client_gone_check()
+    if isinstance(message, list):
+        if not message:
+            return mcp_json(jsonrpc_error(None, -32600, "invalid request: empty batch"), 400)
+        replies = [reply for m in message for reply in mcp.handle(m, session or "", gone)]
+        return mcp_json(replies, 200) if replies else Response(status=202)
+    if isinstance(message, dict) and message.get("method") == "initialize" and "id" in message:
+        reply = next(mcp.handle(message, "", gone))
+        response = mcp_json(reply, 200)
+        if "result" in reply:
+            response.headers["Mcp-Session-Id"] = mcp.open_session(reply["result"]["protocolVersion"])
+        return response
+    accepts_sse = "text/event-stream" in request.headers.get("Accept", "")
+    wants_progress = (accepts_sse and isinstance(message, dict) and message.get("method") == "tools/call"
+                      and isinstance((message.get("params") or {}).get("_meta"), dict)
+                      and "progressToken" in message["params"]["_meta"])
+    replies = mcp.handle(message, session or "", gone, progress=wants_progress)
+    if wants_progress:
+        events = (f"event: message\ndata: {json.dumps(r, ensure_ascii=False)}\n\n" for r in replies)
+        response = Response(events, mimetype="text/event-stream")
+        response.headers["Cache-Control"] = "no-cache"
+        response.headers["X-Accel-Buffering"] = "no"
+        return response
+    replies = list(replies)
+    if not replies:
+        return Response(status=202)
+    reply = replies[-1]
+    status = 400 if "error" in reply and reply["error"]["code"] in (-32600, -32700) else 200
+    return mcp_json(reply, status)
+
+
+def mcp_json(body, status: int) -> Response:
+    response = Response(json.dumps(body, ensure_ascii=False), status=status, mimetype="application/json")
+    return response
+
+
+# -- security: Origin / CORS and the API key, for every route --------------------------------
+
+CORS_HEADERS = {
+    "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type, Mcp-Session-Id, MCP-Protocol-Version, "
+                                    "Last-Event-ID, X-Request-Id",
+    "Access-Control-Expose-Headers": "Mcp-Session-Id, Retry-After, X-Request-Id",
+    "Access-Control-Max-Age": "600",
+}
+
+
+def origin_allowed(origin: str, allowed: tuple[str, ...]) -> bool:
+    origin = origin.rstrip("/").lower()
+    for entry in allowed:
+        entry = entry.lower()
+        if entry == "*" or entry == origin:
+            return True
+        if entry.endswith(":*"):
+            base = entry[:-2]
+            if origin == base or (origin.startswith(base + ":") and origin[len(base) + 1:].isdigit()):
+                return True
+    return False
+
+
+def register_security(app: Flask, cfg: Config) -> None:
+    """403 for a foreign Origin (DNS-rebinding guard, as MCP requires), CORS for allowed ones, Bearer auth."""
+    import hmac
+
+    @app.before_request
+    def check_origin_and_key():
+        origin = request.headers.get("Origin")
+        if origin is not None and not origin_allowed(origin, cfg.allowed_origins):
+            return error_response(403, f"origin {origin!r} is not allowed", "set ALLOWED_ORIGINS to allow it",
+                                  code="origin_not_allowed")
+        if request.method == "OPTIONS":
+            return Response(status=204)
+        if cfg.api_key and request.path != "/health":
+            header = request.headers.get("Authorization", "")
+            scheme, _, key = header.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), cfg.api_key.encode()):
+                return error_response(401, "missing or wrong API key",
+                                      "send the header 'Authorization: Bearer <API_KEY>'", code="invalid_api_key")
+        return None
+
+    @app.after_request
+    def add_cors(response: Response):
+        origin = request.headers.get("Origin")
+        if origin is not None and origin_allowed(origin, cfg.allowed_origins):
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers.add("Vary", "Origin")
+            if request.method == "OPTIONS":
+                response.headers.update(CORS_HEADERS)
+            else:
+                response.headers["Access-Control-Expose-Headers"] = CORS_HEADERS["Access-Control-Expose-Headers"]
+        return response
+
+
+# -- routes -----------------------------------------------------------------------------------
 
 
 def register_routes(app: Flask, engine: Engine) -> None:
     cfg = engine.cfg
+    mcp = McpServer(engine)
+    app.extensions["hcx_mcp"] = mcp
 
     @app.post("/tool/generate_hyperclovax_vision")
     def seed_generate():
@@ -1200,6 +1866,46 @@ def register_routes(app: Flask, engine: Engine) -> None:
         req = prompt_request(read_json_body(), cfg)
         return text_stream_response(stream(engine, req, client_gone_check()))
 
+    @app.post("/v1/chat/completions")
+    def chat_completions():
+        body = read_json_body()
+        streaming = wants_stream(body, allow_query=False)
+        include_usage = stream_options(body, streaming)
+        req = openai_request(body, cfg)
+        completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if streaming:
+            pieces = stream(engine, req, client_gone_check())
+            events = chat_completion_chunks(pieces, completion_id, created, cfg.served_model_name, include_usage,
+                                            g.get("access"))
+            return streaming_response(events, "text/event-stream", pieces)
+        completion = generate(engine, req, client_gone_check())
+        record_completion(g.get("access"), completion)
+        return jsonify(chat_completion(completion, completion_id, created, cfg.served_model_name))
+
+    @app.get("/v1/models")
+    def list_models():
+        return jsonify(object="list", data=[model_card(cfg)])
+
+    @app.get("/v1/models/<path:model_id>")
+    def get_model(model_id: str):
+        if model_id != cfg.served_model_name:
+            raise InputError(f"model {model_id!r} is not served here (this server has {cfg.served_model_name!r})",
+                             status=404, param="model", code="model_not_found")
+        return jsonify(model_card(cfg))
+
+    @app.route("/mcp", methods=["GET", "POST", "DELETE"], strict_slashes=False)
+    def mcp_endpoint():
+        if request.method == "GET":  # no server-initiated stream; Caret and the SDKs treat 405 as "none"
+            response = error_response(405, "this server offers no GET stream; POST JSON-RPC messages")
+            response.headers["Allow"] = "POST, DELETE"
+            return response
+        if request.method == "DELETE":
+            session = request.headers.get("Mcp-Session-Id")
+            if session is None:
+                return error_response(400, "Mcp-Session-Id header is required to end a session")
+            return Response(status=200) if mcp.close_session(session) else error_response(404, "unknown session")
+        return mcp_http(mcp)
+
     @app.get("/health")
     def health():
         if engine.state == "loading":
@@ -1213,37 +1919,8 @@ def register_routes(app: Flask, engine: Engine) -> None:
                        **({"note": "DEMO MODE: tiny random-weight model, answers are gibberish"} if m.demo else {}))
 
 
-def register_errors(app: Flask) -> None:
-    """Every failure is JSON with the right status; no traceback ever reaches a client."""
-
-    @app.errorhandler(InputError)
-    def input_error(exc: InputError):
-        return error_json(exc.status, exc.message, exc.detail)
-
-    @app.errorhandler(Busy)
-    def busy(exc: Busy):
-        response = error_json(503, str(exc))
-        response.headers["Retry-After"] = "1"
-        return response
-
-    @app.errorhandler(ModelNotReady)
-    def not_ready(exc: ModelNotReady):
-        response = error_json(503, str(exc))
-        response.headers["Retry-After"] = "5"
-        return response
-
-    @app.errorhandler(GenerationError)
-    def generation_error(exc: GenerationError):
-        return error_json(500, str(exc))
-
-    @app.errorhandler(HTTPException)
-    def http_error(exc: HTTPException):
-        return error_json(exc.code or 500, exc.name, exc.description)
-
-    @app.errorhandler(Exception)
-    def server_fault(exc: Exception):
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_json(500, "internal server error", f"{type(exc).__name__}: {exc}")
+def model_card(cfg: Config) -> dict:
+    return {"id": cfg.served_model_name, "object": "model", "created": 0, "owned_by": "hcx-server"}
 
 
 def register_access_log(app: Flask) -> None:
@@ -1293,6 +1970,7 @@ def create_app(cfg: Config | None = None, engine: Engine | None = None) -> Flask
     app.json.ensure_ascii = False
     app.extensions["hcx_engine"] = engine
     register_access_log(app)
+    register_security(app, cfg)
     register_errors(app)
     register_routes(app, engine)
     return app
