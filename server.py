@@ -88,6 +88,8 @@ class Config:
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 64_000_000
     max_images: int = 4
+    max_model_len: int = 0  # 0: the model's own context window
+    torch_threads: int = 0  # 0: torch's default (all cores)
     log_prompts: bool = False
     allow_remote_images: bool = False
     remote_image_timeout: float = 10.0
@@ -184,6 +186,8 @@ def load_config(env: Mapping[str, str] | None = None, **overrides: Any) -> Confi
         max_image_bytes=_env_int(env, "MAX_IMAGE_BYTES", 20 * 1024 * 1024, 1024, 1 << 31),
         max_image_pixels=_env_int(env, "MAX_IMAGE_PIXELS", 64_000_000, 1, 1 << 34),
         max_images=_env_int(env, "MAX_IMAGES", 4, 1, 64),
+        max_model_len=_env_int(env, "MAX_MODEL_LEN", 0, 0, 1 << 24),
+        torch_threads=_env_int(env, "TORCH_THREADS", 0, 0, 1024),
         log_prompts=_env_bool(env, "LOG_PROMPTS", False),
         allow_remote_images=_env_bool(env, "ALLOW_REMOTE_IMAGES", False),
         remote_image_timeout=float(_env_int(env, "REMOTE_IMAGE_TIMEOUT", 10, 1, 300)),
@@ -465,6 +469,8 @@ def context_length(model, tokenizer) -> int:
 def load_model(cfg: Config) -> LoadedModel:
     """Locate (or download), load with the target dtype directly, move to the device."""
     started = time.perf_counter()
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
     device = resolve_device(cfg)
     dtype = resolve_dtype(cfg.dtype, device)
     folder = locate_model(cfg)
@@ -483,11 +489,15 @@ def load_model(cfg: Config) -> LoadedModel:
         keep_vision_in_float32(model, dtype)
         vision_dtype = torch.float32
     stops = stop_token_ids(tokenizer, model)
+    window = context_length(model, tokenizer)
+    if cfg.max_model_len > window:
+        log.warning("MAX_MODEL_LEN=%d is beyond the model's %d-token window: long requests may fail",
+                    cfg.max_model_len, window)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
     loaded = LoadedModel(kind=kind, model=model, processor=processor, tokenizer=tokenizer,
                          name=cfg.served_model_name, path=str(folder), device=device, dtype=dtype,
                          vision_dtype=vision_dtype, stop_token_ids=stops, pad_token_id=pad,
-                         context_length=context_length(model, tokenizer), demo=cfg.demo,
+                         context_length=cfg.max_model_len or window, demo=cfg.demo,
                          load_seconds=time.perf_counter() - started)
     log.info("model ready in %.1f s (context %d tokens, stop ids %s)", loaded.load_seconds,
              loaded.context_length, list(stops))
@@ -1082,8 +1092,9 @@ def sampling_kwargs(req: GenerationRequest, max_new_tokens: int) -> dict[str, An
     return kwargs
 
 
-def run_generation(m: LoadedModel, job: Job) -> None:
-    """model.generate with a streamer that forwards ids and a criterion that honours cancel."""
+def run_generation(m: LoadedModel, job: Job) -> int:
+    """model.generate with a streamer that forwards ids and a criterion that honours cancel;
+    returns how many tokens it generated."""
     from transformers import StoppingCriteria, StoppingCriteriaList
     from transformers.generation.streamers import BaseStreamer
 
@@ -1116,9 +1127,12 @@ def run_generation(m: LoadedModel, job: Job) -> None:
         out = m.model.generate(**job.inputs.tensors, **sampling_kwargs(job.request, job.max_new_tokens),
                                eos_token_id=list(m.stop_token_ids), pad_token_id=m.pad_token_id,
                                streamer=streamer, stopping_criteria=StoppingCriteriaList([StopWhenCancelled()]))
-    if not streamer.forwarded:  # remote code that drops the streamer: hand over the ids at the end
-        for token_id in new_token_ids(out, job.inputs.tensors["input_ids"][0]):
-            job.events.put(("token", token_id))
+    if streamer.forwarded:
+        return streamer.forwarded
+    answer = new_token_ids(out, job.inputs.tensors["input_ids"][0])  # remote code that drops the streamer
+    for token_id in answer:
+        job.events.put(("token", token_id))
+    return len(answer)
 
 
 def new_token_ids(out, prompt_ids: torch.Tensor) -> list[int]:
@@ -1154,7 +1168,9 @@ class Engine:
         self.error: str | None = None
         self.jobs: queue.Queue[Job] = queue.Queue(maxsize=cfg.max_queue)
         self.running: Job | None = None
-        self.stats = {"jobs_done": 0, "jobs_failed": 0, "jobs_skipped": 0, "tokens_generated": 0}
+        self.stats = {"jobs_done": 0, "jobs_failed": 0, "jobs_cancelled": 0, "jobs_skipped": 0,
+                      "tokens_generated": 0}
+        self.draining = False  # set on SIGTERM: finish what runs, refuse new work
         self._thread: threading.Thread | None = None
 
     # -- lifecycle --
@@ -1186,13 +1202,13 @@ class Engine:
                 continue
             self.running = job
             try:
-                run_generation(self.model, job)
+                self.stats["tokens_generated"] += run_generation(self.model, job)
             except Exception as exc:  # noqa: BLE001 - the engine thread must never die
                 self.stats["jobs_failed"] += 1
                 log.error("generation failed: %s", exc, exc_info=not isinstance(exc, torch.OutOfMemoryError))
                 job.events.put(("error", describe_failure(exc)))
             else:
-                self.stats["jobs_done"] += 1
+                self.stats["jobs_cancelled" if job.cancelled.is_set() else "jobs_done"] += 1
                 job.events.put(("done", None))
             finally:
                 self.running = None
@@ -1809,9 +1825,12 @@ def origin_allowed(origin: str, allowed: tuple[str, ...]) -> bool:
     return False
 
 
-def register_security(app: Flask, cfg: Config) -> None:
-    """403 for a foreign Origin (DNS-rebinding guard, as MCP requires), CORS for allowed ones, Bearer auth."""
+def register_security(app: Flask, engine: Engine) -> None:
+    """403 for a foreign Origin (DNS-rebinding guard, as MCP requires), CORS for allowed ones, Bearer
+    auth, and 503 for new work once SIGTERM asked the worker to drain."""
     import hmac
+
+    cfg = engine.cfg
 
     @app.before_request
     def check_origin_and_key():
@@ -1827,6 +1846,8 @@ def register_security(app: Flask, cfg: Config) -> None:
             if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), cfg.api_key.encode()):
                 return error_response(401, "missing or wrong API key",
                                       "send the header 'Authorization: Bearer <API_KEY>'", code="invalid_api_key")
+        if engine.draining and request.path != "/health":
+            return error_response(503, "server is shutting down", code="shutting_down", retry_after=5)
         return None
 
     @app.after_request
@@ -1855,6 +1876,7 @@ def register_routes(app: Flask, engine: Engine) -> None:
         body = read_json_body()
         streaming = wants_stream(body)
         req = prompt_request(body, cfg)
+        note_prompt(cfg, req)
         if streaming:
             return text_stream_response(stream(engine, req, client_gone_check()))
         completion = generate(engine, req, client_gone_check())
@@ -1864,6 +1886,7 @@ def register_routes(app: Flask, engine: Engine) -> None:
     @app.post("/tool/generate_hyperclovax_vision_stream")
     def seed_generate_stream():
         req = prompt_request(read_json_body(), cfg)
+        note_prompt(cfg, req)
         return text_stream_response(stream(engine, req, client_gone_check()))
 
     @app.post("/v1/chat/completions")
@@ -1872,6 +1895,7 @@ def register_routes(app: Flask, engine: Engine) -> None:
         streaming = wants_stream(body, allow_query=False)
         include_usage = stream_options(body, streaming)
         req = openai_request(body, cfg)
+        note_prompt(cfg, req)
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if streaming:
             pieces = stream(engine, req, client_gone_check())
@@ -1906,8 +1930,14 @@ def register_routes(app: Flask, engine: Engine) -> None:
             return Response(status=200) if mcp.close_session(session) else error_response(404, "unknown session")
         return mcp_http(mcp)
 
+    @app.get("/metrics")
+    def metrics_text():
+        return Response(app.extensions["hcx_metrics"].render(engine), mimetype="text/plain; version=0.0.4")
+
     @app.get("/health")
     def health():
+        if engine.draining:
+            return jsonify(status="draining"), 503
         if engine.state == "loading":
             return jsonify(status="loading"), 503
         if engine.state == "error":
@@ -1923,13 +1953,107 @@ def model_card(cfg: Config) -> dict:
     return {"id": cfg.served_model_name, "object": "model", "created": 0, "owned_by": "hcx-server"}
 
 
-def register_access_log(app: Flask) -> None:
-    """One line per request when its response closes (streams included); never prompts or images."""
+# -- observability: access log and Prometheus metrics -----------------------------------------
+
+
+class Histogram:
+    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+    def __init__(self):
+        self.counts = [0] * len(self.BUCKETS)
+        self.total, self.count = 0.0, 0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.BUCKETS):
+            if value <= bound:
+                self.counts[i] += 1
+        self.total += value
+        self.count += 1
+
+    def render(self, name: str, labels: str = "") -> list[str]:
+        sep, own = ("," if labels else ""), (f"{{{labels}}}" if labels else "")
+        lines = [f'{name}_bucket{{{labels}{sep}le="{b}"}} {c}' for b, c in zip(self.BUCKETS, self.counts)]
+        lines.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.count}')
+        lines += [f"{name}_sum{own} {self.total:.6f}", f"{name}_count{own} {self.count}"]
+        return lines
+
+
+class Metrics:
+    """Prometheus text format without a dependency: request counters, TTFT and duration histograms."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests: dict[tuple[str, str, int], int] = {}
+        self.durations: dict[str, Histogram] = {}
+        self.ttft = Histogram()
+        self.prompt_tokens = 0
+        self.in_flight = 0
+
+    def started(self) -> None:
+        with self.lock:
+            self.in_flight += 1
+
+    def finished(self, route: str, method: str, status: int, seconds: float, access: dict) -> None:
+        with self.lock:
+            self.in_flight -= 1
+            key = (route, method, status)
+            self.requests[key] = self.requests.get(key, 0) + 1
+            self.durations.setdefault(route, Histogram()).observe(seconds)
+            if "ttft_ms" in access:
+                self.ttft.observe(access["ttft_ms"] / 1000)
+                self.prompt_tokens += access.get("tokens_in", 0)
+
+    def render(self, engine: Engine) -> str:
+        stats = engine.stats
+        with self.lock:
+            lines = ["# HELP hcx_requests_total HTTP requests by route, method and status.",
+                     "# TYPE hcx_requests_total counter"]
+            lines += [f'hcx_requests_total{{route="{r}",method="{m}",status="{s}"}} {n}'
+                      for (r, m, s), n in sorted(self.requests.items())]
+            lines += ["# HELP hcx_request_duration_seconds Time from request to the last byte sent.",
+                      "# TYPE hcx_request_duration_seconds histogram"]
+            for route, histogram in sorted(self.durations.items()):
+                lines += histogram.render("hcx_request_duration_seconds", f'route="{route}"')
+            lines += ["# HELP hcx_time_to_first_token_seconds Queue wait + prefill, per generation.",
+                      "# TYPE hcx_time_to_first_token_seconds histogram", *self.ttft.render("hcx_time_to_first_token_seconds"),
+                      "# HELP hcx_requests_in_flight HTTP requests being served now.",
+                      "# TYPE hcx_requests_in_flight gauge", f"hcx_requests_in_flight {self.in_flight}",
+                      "# TYPE hcx_prompt_tokens_total counter", f"hcx_prompt_tokens_total {self.prompt_tokens}"]
+        lines += ["# HELP hcx_tokens_generated_total Tokens produced by the model (cancelled work included).",
+                  "# TYPE hcx_tokens_generated_total counter", f"hcx_tokens_generated_total {stats['tokens_generated']}",
+                  "# HELP hcx_generations_total Finished generations by outcome.",
+                  "# TYPE hcx_generations_total counter"]
+        lines += [f'hcx_generations_total{{outcome="{k[5:]}"}} {v}' for k, v in stats.items() if k.startswith("jobs_")]
+        lines += ["# HELP hcx_queue_depth Requests waiting for the model.", "# TYPE hcx_queue_depth gauge",
+                  f"hcx_queue_depth {engine.queue_depth}",
+                  "# HELP hcx_generating 1 while the model is generating.", "# TYPE hcx_generating gauge",
+                  f"hcx_generating {int(engine.running is not None)}",
+                  "# HELP hcx_model_ready 1 once the model is loaded.", "# TYPE hcx_model_ready gauge",
+                  f"hcx_model_ready {int(engine.state == 'ready')}"]
+        return "\n".join(lines) + "\n"
+
+
+def note_prompt(cfg: Config, req: GenerationRequest) -> None:
+    """Prompt text reaches the log only with LOG_PROMPTS=1; images never do."""
+    if cfg.log_prompts and g.get("access") is not None:
+        g.access["prompt"] = json.dumps(req.messages[-1].text[:500], ensure_ascii=False)
+
+
+def register_observability(app: Flask, metrics: Metrics) -> None:
+    """One access line per request when its response closes (streams included), plus metrics."""
+    import socket
 
     @app.before_request
     def start_timer():
         g.access = {"id": request.headers.get("X-Request-Id") or uuid.uuid4().hex[:12],
                     "started": time.perf_counter()}
+        metrics.started()
+        sock = request.environ.get("gunicorn.socket")
+        if sock is not None:  # stream chunks leave at once instead of waiting on delayed ACKs
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
 
     @app.after_request
     def log_on_close(response: Response):
@@ -1938,11 +2062,14 @@ def register_access_log(app: Flask) -> None:
             return response
         response.headers["X-Request-Id"] = access["id"]
         method, path, status = request.method, request.path, response.status_code
+        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
 
         def write():
+            seconds = time.perf_counter() - access["started"]
+            metrics.finished(route, method, status, seconds, access)
             extra = " ".join(f"{k}={v}" for k, v in access.items() if k not in ("id", "started"))
             log.info("access id=%s %s %s status=%d time_ms=%.1f %s", access["id"], method, path, status,
-                     (time.perf_counter() - access["started"]) * 1000, extra)
+                     seconds * 1000, extra)
 
         response.call_on_close(write)
         return response
@@ -1969,11 +2096,31 @@ def create_app(cfg: Config | None = None, engine: Engine | None = None) -> Flask
     app.config["MAX_CONTENT_LENGTH"] = cfg.max_body_bytes
     app.json.ensure_ascii = False
     app.extensions["hcx_engine"] = engine
-    register_access_log(app)
-    register_security(app, cfg)
+    app.extensions["hcx_metrics"] = Metrics()
+    register_observability(app, app.extensions["hcx_metrics"])
+    register_security(app, engine)
     register_errors(app)
     register_routes(app, engine)
     return app
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def drain_on_sigterm(worker) -> None:
+    """gunicorn post_worker_init hook: on SIGTERM, refuse new work (503) while in-flight requests finish."""
+    import signal
+
+    engine = worker.wsgi.extensions["hcx_engine"]
+    stop_worker = worker.handle_exit
+
+    def handle_exit(sig, frame):
+        engine.draining = True
+        log.info("SIGTERM: finishing %s in-flight request(s), refusing new ones",
+                 int(engine.running is not None) + engine.queue_depth)
+        stop_worker(sig, frame)
+
+    signal.signal(signal.SIGTERM, handle_exit)
 
 
 def serve(cfg: Config) -> None:
@@ -1984,7 +2131,8 @@ def serve(cfg: Config) -> None:
         def load_config(self):
             options = {"bind": f"{cfg.host}:{cfg.port}", "workers": 1, "worker_class": "gthread",
                        "threads": cfg.worker_threads, "timeout": 120, "graceful_timeout": 30,
-                       "keepalive": 5, "control_socket_disable": True, "accesslog": None}
+                       "keepalive": 5, "control_socket_disable": True, "accesslog": None,
+                       "post_worker_init": drain_on_sigterm}
             for key, value in options.items():
                 if key in self.cfg.settings:
                     self.cfg.set(key, value)
@@ -1992,8 +2140,15 @@ def serve(cfg: Config) -> None:
         def load(self):
             return create_app(cfg)
 
-    if cfg.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("binding %s: the API is reachable from other machines", cfg.host)
+    setup_logging()
+    if cfg.host not in LOOPBACK_HOSTS and not cfg.api_key:
+        log.warning("!" * 78)
+        log.warning("! binding %s WITHOUT an API key: anyone who can reach this port can use the model.", cfg.host)
+        log.warning("! Set API_KEY (clients send 'Authorization: Bearer <key>') or bind HOST=127.0.0.1.")
+        log.warning("!" * 78)
+    if cfg.worker_threads < cfg.max_queue + 2:
+        log.warning("THREADS=%d < MAX_QUEUE+2=%d: requests beyond the threads wait unbounded in gunicorn's backlog",
+                    cfg.worker_threads, cfg.max_queue + 2)
     Server().run()
 
 
