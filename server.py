@@ -347,7 +347,11 @@ def locate_model(cfg: Config) -> Path:
     if folder.is_dir() and has_model_files(folder):
         return folder
     log.info("MODEL_PATH=%s holds no model yet: downloading %s into it", path, cfg.model_id)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ModelLoadError(f"MODEL_PATH={path} does not exist and cannot be created ({exc.strerror}); "
+                             f"outside Docker use a folder you own, or the hub id {cfg.model_id}") from None
     download_model(cfg.model_id, cfg.model_revision, cfg.hf_token, local_dir=str(folder))
     if not has_model_files(folder):
         raise ModelLoadError(f"MODEL_PATH={path} still holds no config.json and weights after the download")
@@ -1659,7 +1663,7 @@ class McpServer:
 
     # -- messages --
     def handle(self, msg, session: str = "", client_gone: Callable[[], bool] | None = None,
-               progress: bool = False) -> Iterator[dict]:
+               progress: bool = False, access: dict | None = None) -> Iterator[dict]:
         if not isinstance(msg, dict) or msg.get("jsonrpc") != "2.0":
             yield jsonrpc_error(msg.get("id") if isinstance(msg, dict) else None, -32600,
                                 "invalid request: expected a JSON-RPC 2.0 object")
@@ -1680,7 +1684,7 @@ class McpServer:
             if not isinstance(params, dict):
                 raise McpError(-32602, "'params' must be an object")
             if method == "tools/call":
-                yield from self.call_tool(msg_id, params, session, client_gone, progress)
+                yield from self.call_tool(msg_id, params, session, client_gone, progress, access)
                 return
             yield {"jsonrpc": "2.0", "id": msg_id, "result": self.dispatch(method, params)}
         except McpError as exc:
@@ -1708,7 +1712,8 @@ class McpServer:
                 log.info("MCP request %s cancelled by the client", params.get("requestId"))
                 pieces.cancel()
 
-    def call_tool(self, msg_id, params: dict, session: str, client_gone, progress: bool) -> Iterator[dict]:
+    def call_tool(self, msg_id, params: dict, session: str, client_gone, progress: bool,
+                  access: dict | None = None) -> Iterator[dict]:
         """Run the tool; input problems and busy/not-ready are tool errors (isError), not transport errors."""
         if params.get("name") != TOOL_NAME:
             raise McpError(-32602, f"unknown tool: {params.get('name')!r} (this server has {TOOL_NAME!r})")
@@ -1746,6 +1751,7 @@ class McpServer:
             with self.lock:
                 self.inflight.pop(key, None)
             pieces.cancel()
+            record_completion(access, pieces.completion)
         if pieces.completion.finish_reason == "cancelled":
             yield jsonrpc_error(msg_id, -32800, "request cancelled")
             return
@@ -1765,11 +1771,11 @@ def mcp_http(mcp: McpServer) -> Response:
         message = parse_json(request.get_data(cache=True))
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         return mcp_json(jsonrpc_error(None, -32700, f"parse error: {exc}"), 400)
-    gone = client_gone_check()
+    gone, access = client_gone_check(), g.get("access")
     if isinstance(message, list):
         if not message:
             return mcp_json(jsonrpc_error(None, -32600, "invalid request: empty batch"), 400)
-        replies = [reply for m in message for reply in mcp.handle(m, session or "", gone)]
+        replies = [reply for m in message for reply in mcp.handle(m, session or "", gone, access=access)]
         return mcp_json(replies, 200) if replies else Response(status=202)
     if isinstance(message, dict) and message.get("method") == "initialize" and "id" in message:
         reply = next(mcp.handle(message, "", gone))
@@ -1781,7 +1787,7 @@ def mcp_http(mcp: McpServer) -> Response:
     wants_progress = (accepts_sse and isinstance(message, dict) and message.get("method") == "tools/call"
                       and isinstance((message.get("params") or {}).get("_meta"), dict)
                       and "progressToken" in message["params"]["_meta"])
-    replies = mcp.handle(message, session or "", gone, progress=wants_progress)
+    replies = mcp.handle(message, session or "", gone, progress=wants_progress, access=access)
     if wants_progress:
         events = (f"event: message\ndata: {json.dumps(r, ensure_ascii=False)}\n\n" for r in replies)
         response = Response(events, mimetype="text/event-stream")
