@@ -96,14 +96,15 @@ def sampling_options(f):
         click.option("--temperature", type=click.FloatRange(0, 2), default=None, help="0 = greedy."),
         click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None),
         click.option("--seed", type=int, default=None, help="Fix sampling for reproducible answers."),
+        click.option("--min-tokens", type=click.IntRange(0), default=None, help="Generate at least this many."),
     ]):
         f = option(f)
     return f
 
 
-def request_body(prompt: str, max_tokens, temperature, top_p, seed) -> dict:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
-    return {k: v for k, v in body.items() if v is not None}
+def request_body(prompt: str, **sampling) -> dict:
+    """The same body the seed route takes, so the CLI validates and answers like the server."""
+    return {"prompt": prompt, **{k: v for k, v in sampling.items() if v is not None}}
 
 
 @main.command()
@@ -113,12 +114,12 @@ def request_body(prompt: str, max_tokens, temperature, top_p, seed) -> dict:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image (for scripts).")
 @sampling_options
 @click.pass_obj
-def describe(cfg: server.Config, images, prompt, stream, as_json, max_tokens, temperature, top_p, seed):
+def describe(cfg: server.Config, images, prompt, stream, as_json, **sampling):
     """Describe IMAGE(s) locally, no server. '-' reads an image from stdin."""
     loaded = [(path, read_image(path, cfg)) for path in images]  # bad input fails before the slow load
     engine = start_engine(cfg)
     for path, image in loaded:
-        body = request_body(prompt, max_tokens, temperature, top_p, seed)
+        body = request_body(prompt, **sampling)
         try:
             req = server.prompt_request(body, cfg)
         except server.InputError as exc:
@@ -143,10 +144,10 @@ def describe(cfg: server.Config, images, prompt, stream, as_json, max_tokens, te
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of text.")
 @sampling_options
 @click.pass_obj
-def ask(cfg: server.Config, prompt, stream, as_json, max_tokens, temperature, top_p, seed):
+def ask(cfg: server.Config, prompt, stream, as_json, **sampling):
     """Ask a text-only PROMPT locally, no server."""
     try:
-        req = server.prompt_request(request_body(prompt, max_tokens, temperature, top_p, seed), cfg)
+        req = server.prompt_request(request_body(prompt, **sampling), cfg)
     except server.InputError as exc:
         fail(exc.message)
     engine = start_engine(cfg)

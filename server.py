@@ -859,15 +859,27 @@ def fetch_remote_image(url: str, cfg: Config, param: str = "image_url",
                          code="invalid_image_url")
     pinned = str(addresses[0])
     deadline = time.monotonic() + cfg.remote_image_timeout
+    opened: list[socket.socket] = []
 
     class Pinned(http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection):
         def connect(self):
             sock = socket.create_connection((pinned, port), timeout=cfg.remote_image_timeout)
+            opened.append(sock)
             if parts.scheme == "https":
                 sock = ssl.create_default_context().wrap_socket(sock, server_hostname=parts.hostname)
             self.sock = sock
 
+    def expire() -> None:  # the deadline covers the whole fetch, however slowly bytes trickle in
+        for sock in opened:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    watchdog = threading.Timer(cfg.remote_image_timeout, expire)
+    watchdog.daemon = True
     conn = Pinned(parts.hostname, port, timeout=cfg.remote_image_timeout)
+    watchdog.start()
     try:
         conn.request("GET", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
                      headers={"User-Agent": f"hcx-server/{__version__}", "Accept": "image/*"})
@@ -876,18 +888,19 @@ def fetch_remote_image(url: str, cfg: Config, param: str = "image_url",
             raise InputError(f"fetching the image returned HTTP {response.status}", param=param,
                              code="invalid_image_url")
         chunks, size = [], 0
-        while chunk := response.read(65536):
+        while chunk := response.read1(65536):  # what has arrived, not a full 64 KiB
             size += len(chunk)
             if size > cfg.max_image_bytes:
                 raise InputError(f"remote image is larger than MAX_IMAGE_BYTES={cfg.max_image_bytes}", status=413,
                                  param=param, code="image_too_large")
-            if time.monotonic() > deadline:
-                raise TimeoutError
             chunks.append(chunk)
+        if time.monotonic() > deadline:  # the watchdog cut the body short
+            raise TimeoutError
     except (OSError, http.client.HTTPException, TimeoutError) as exc:
         raise InputError(f"fetching the image failed: {type(exc).__name__}", param=param,
                          code="invalid_image_url") from None
     finally:
+        watchdog.cancel()
         conn.close()
     return open_image(b"".join(chunks), cfg, param)
 
@@ -1503,7 +1516,7 @@ def error_response(status: int, message: str, detail: str | None = None, param: 
     """The error in the shape the caller's API speaks: seed {error, detail}, OpenAI, or JSON-RPC."""
     if request.path.startswith("/v1/"):
         body = openai_error(status, message, param, code)
-    elif request.path == "/mcp":
+    elif request.path.rstrip("/") == "/mcp":
         body = jsonrpc_error(None, -32000 if status != 404 else -32001, message)
     else:
         body = {"error": message, "detail": detail or message}
@@ -1783,10 +1796,10 @@ def mcp_http(mcp: McpServer) -> Response:
         if "result" in reply:
             response.headers["Mcp-Session-Id"] = mcp.open_session(reply["result"]["protocolVersion"])
         return response
-    accepts_sse = "text/event-stream" in request.headers.get("Accept", "")
-    wants_progress = (accepts_sse and isinstance(message, dict) and message.get("method") == "tools/call"
-                      and isinstance((message.get("params") or {}).get("_meta"), dict)
-                      and "progressToken" in message["params"]["_meta"])
+    params = message.get("params") if isinstance(message, dict) else None
+    meta = params.get("_meta") if isinstance(params, dict) else None
+    wants_progress = ("text/event-stream" in request.headers.get("Accept", "") and isinstance(meta, dict)
+                      and message.get("method") == "tools/call" and "progressToken" in meta)
     replies = mcp.handle(message, session or "", gone, progress=wants_progress, access=access)
     if wants_progress:
         events = (f"event: message\ndata: {json.dumps(r, ensure_ascii=False)}\n\n" for r in replies)
