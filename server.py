@@ -56,6 +56,8 @@ DEMO_MODEL_NAME = "hcx-demo-tiny-random"
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, mps"
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 VISION_DTYPE_CHOICES = ("auto", "float32")
+# auto: the fast bf16 decode kernel where it applies (CPU with AVX512-BF16), else eager; see section 4.
+GENERATION_BACKEND_CHOICES = ("auto", "gemv", "eager")
 
 
 # Browser pages served from these origins may call the API; ":*" means any port.
@@ -90,6 +92,7 @@ class Config:
     max_images: int = 4
     max_model_len: int = 0  # 0: the model's own context window
     torch_threads: int = 0  # 0: torch's default (all cores)
+    generation_backend: str = "auto"
     log_prompts: bool = False
     allow_remote_images: bool = False
     remote_image_timeout: float = 10.0
@@ -188,6 +191,7 @@ def load_config(env: Mapping[str, str] | None = None, **overrides: Any) -> Confi
         max_images=_env_int(env, "MAX_IMAGES", 4, 1, 64),
         max_model_len=_env_int(env, "MAX_MODEL_LEN", 0, 0, 1 << 24),
         torch_threads=_env_int(env, "TORCH_THREADS", 0, 0, 1024),
+        generation_backend=_env_choice(env, "GENERATION_BACKEND", "auto", GENERATION_BACKEND_CHOICES),
         log_prompts=_env_bool(env, "LOG_PROMPTS", False),
         allow_remote_images=_env_bool(env, "ALLOW_REMOTE_IMAGES", False),
         remote_image_timeout=float(_env_int(env, "REMOTE_IMAGE_TIMEOUT", 10, 1, 300)),
@@ -229,6 +233,7 @@ class LoadedModel:
     context_length: int
     demo: bool = False
     load_seconds: float = 0.0
+    generation_backend: str = "eager"  # what runs: "eager" or "gemv" (section 4)
 
 
 def resolve_device(cfg: Config) -> torch.device:
@@ -503,8 +508,10 @@ def load_model(cfg: Config) -> LoadedModel:
                          vision_dtype=vision_dtype, stop_token_ids=stops, pad_token_id=pad,
                          context_length=cfg.max_model_len or window, demo=cfg.demo,
                          load_seconds=time.perf_counter() - started)
-    log.info("model ready in %.1f s (context %d tokens, stop ids %s)", loaded.load_seconds,
-             loaded.context_length, list(stops))
+    loaded.generation_backend = prepare_generation_backend(cfg, loaded)
+    loaded.load_seconds = time.perf_counter() - started
+    log.info("model ready in %.1f s (context %d tokens, stop ids %s, %s generation)", loaded.load_seconds,
+             loaded.context_length, list(stops), loaded.generation_backend)
     return loaded
 
 
@@ -1159,6 +1166,216 @@ def new_token_ids(out, prompt_ids: torch.Tensor) -> list[int]:
     if sequence.shape[0] > n and torch.equal(sequence[:n], prompt_ids):
         sequence = sequence[n:]
     return sequence.tolist()
+
+
+# -- generation backends -----------------------------------------------------------------
+# "eager" runs model.generate as transformers ships it. "gemv" runs the very same generate()
+# call (streamer, cancel criterion, min_new_tokens, stop ids, the HCX remote code) and swaps
+# only the kernel under one-row bf16 linear layers. Decode is one matrix-vector product per
+# weight matrix per token, so it is bound by memory bandwidth; on CPUs with AVX512-BF16,
+# torch's bf16 matrix-vector product (oneDNN) reads weights at only ~half the bandwidth,
+# a plain AVX512-BF16 dot-product loop reads them at ~full bandwidth (BENCHMARKS.md).
+# Prefill (many rows) keeps torch's matmul, which is fast there.
+
+GEMV_SOURCE = r"""
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <immintrin.h>
+#include <cstring>
+
+namespace {
+constexpr int64_t ROWS = 4;  // weight rows per step: 4 streams per thread, x reused from registers
+
+inline uint16_t to_bf16(float f) {  // round to nearest even, as torch does
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+
+template <int R>
+inline void dot_rows(const uint16_t* w, const uint16_t* x, int64_t K, float* out) {
+  __m512 acc[R];
+  for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m512bh xv = (__m512bh)_mm512_loadu_si512(x + k);
+    for (int r = 0; r < R; r++)
+      acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(w + r * K + k), xv);
+  }
+  if (k < K) {
+    __mmask32 m = (__mmask32)((1ull << (K - k)) - 1);
+    __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(m, x + k);
+    for (int r = 0; r < R; r++)
+      acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_maskz_loadu_epi16(m, w + r * K + k), xv);
+  }
+  for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+// y = x w^T + b for ONE row x (bf16), fp32 accumulation, bf16 out.
+at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "gemv_bf16: bf16 only");
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && x.is_contiguous(), "gemv_bf16: contiguous 2-d weight");
+  const int64_t N = w.size(0), K = w.size(1);
+  TORCH_CHECK(x.numel() == K, "gemv_bf16: one input row");
+  auto sizes = x.sizes().vec();
+  sizes.back() = N;
+  at::Tensor y = at::empty(sizes, x.options());
+  at::Tensor bias = b.has_value() ? b->to(at::kFloat).contiguous() : at::Tensor();
+  const float* B = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  const uint16_t* W = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  const uint16_t* X = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  uint16_t* Y = reinterpret_cast<uint16_t*>(y.data_ptr());
+  at::parallel_for(0, (N + ROWS - 1) / ROWS, 16, [&](int64_t begin, int64_t end) {
+    float out[ROWS];
+    for (int64_t block = begin; block < end; block++) {
+      const int64_t n0 = block * ROWS, rows = std::min(ROWS, N - n0);
+      if (rows == ROWS) {
+        dot_rows<ROWS>(W + n0 * K, X, K, out);
+      } else {
+        for (int64_t r = 0; r < rows; r++) dot_rows<1>(W + (n0 + r) * K, X, K, out + r);
+      }
+      for (int64_t r = 0; r < rows; r++) Y[n0 + r] = to_bf16(out[r] + (B ? B[n0 + r] : 0.f));
+    }
+  });
+  return y;
+}
+}  // namespace
+
+TORCH_LIBRARY(hcx_server, m) { m.def("gemv_bf16(Tensor x, Tensor w, Tensor? b) -> Tensor"); }
+TORCH_LIBRARY_IMPL(hcx_server, CPU, m) { m.impl("gemv_bf16", &gemv_bf16); }
+"""
+GEMV_FLAGS = ("-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-w", "-mavx512f", "-mavx512bw", "-mavx512vl",
+              "-mavx512bf16")
+_gemv_lock = threading.Lock()
+_gemv_loaded = False
+
+
+class GemvUnavailable(RuntimeError):
+    """The fast decode kernel cannot run here; the message says why (generation stays eager)."""
+
+
+class GemvLinear(torch.nn.Linear):
+    """nn.Linear whose one-row bf16 products (every decode step, the prefill's last-token
+    logits) use the AVX512-BF16 kernel; everything else is torch's own linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16 and x.numel() == self.in_features and self.weight.dtype == torch.bfloat16:
+            return torch.ops.hcx_server.gemv_bf16(x.contiguous(), self.weight, self.bias)
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+def cpu_has_avx512_bf16() -> bool:
+    try:
+        return bool(re.search(r"\bavx512_bf16\b", Path("/proc/cpuinfo").read_text()))
+    except OSError:
+        return False
+
+
+def gemv_unsupported(m: LoadedModel) -> str | None:
+    """Why the gemv backend cannot apply to this model/device, or None when it can."""
+    if m.device.type != "cpu":
+        return f"the fast decode kernel is for CPUs and the model is on {m.device.type}"
+    if m.dtype != torch.bfloat16:
+        return f"the fast decode kernel needs bfloat16 weights, the model is {str(m.dtype).replace('torch.', '')}"
+    if not cpu_has_avx512_bf16():
+        return "this CPU has no AVX512-BF16 instructions"
+    return None
+
+
+def compile_gemv_kernel() -> Path:
+    """Build the kernel once per machine with the system C++ compiler; cached by source hash."""
+    import hashlib
+    import shutil
+    import subprocess
+
+    compiler = shutil.which(os.environ.get("CXX") or "g++")
+    if compiler is None:
+        raise GemvUnavailable("no C++ compiler (g++, or $CXX) on PATH to build the kernel once")
+    torch_dir = Path(torch.__file__).resolve().parent
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    key = hashlib.sha256("\n".join([GEMV_SOURCE, torch.__version__, str(torch_dir), compiler, abi, *GEMV_FLAGS])
+                         .encode()).hexdigest()[:16]
+    folder = Path.home() / ".cache" / "hcx-server" / "kernels" / key
+    library = folder / "hcx_gemv.so"
+    if library.is_file():
+        return library
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "hcx_gemv.cpp").write_text(GEMV_SOURCE)
+    except OSError as exc:
+        raise GemvUnavailable(f"cannot write the kernel build folder {folder}: {exc.strerror or exc}") from None
+    partial = folder / f"hcx_gemv.{os.getpid()}.{threading.get_ident()}.so"  # concurrent builders never clash
+    lib = torch_dir / "lib"
+    command = [compiler, *GEMV_FLAGS, abi, f"-I{torch_dir / 'include'}",
+               f"-I{torch_dir / 'include' / 'torch' / 'csrc' / 'api' / 'include'}", str(folder / "hcx_gemv.cpp"),
+               "-o", str(partial), f"-L{lib}", f"-Wl,-rpath,{lib}", "-lc10", "-ltorch_cpu"]
+    log.info("building the AVX512-BF16 decode kernel once into %s (10-30 s)", folder)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise GemvUnavailable(f"running {compiler} failed: {exc}") from None
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise GemvUnavailable(f"compiling the kernel failed: {last}")
+    os.replace(partial, library)
+    return library
+
+
+def load_gemv_kernel() -> None:
+    """Compile (first time), load into torch.ops.hcx_server and self-test the kernel once per process."""
+    global _gemv_loaded
+    with _gemv_lock:
+        if _gemv_loaded:
+            return
+        library = compile_gemv_kernel()
+        try:
+            torch.ops.load_library(str(library))
+        except OSError as exc:
+            raise GemvUnavailable(f"cannot load {library}: {exc}") from None
+        gen = torch.Generator().manual_seed(0)
+        x, w, b = (torch.randn(*shape, generator=gen).bfloat16() for shape in ((1, 1, 100), (37, 100), (37,)))
+        got = torch.ops.hcx_server.gemv_bf16(x, w, b).float()
+        want = torch.nn.functional.linear(x.float(), w.float(), b.float())
+        if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-2, atol=5e-2):
+            raise GemvUnavailable("the built kernel failed its self-test against torch's linear")
+        _gemv_loaded = True
+
+
+def use_gemv_linears(model, enable: bool = True) -> int:
+    """Switch bf16 nn.Linear layers to GemvLinear in place (or back): same parameters, no copy."""
+    count = 0
+    for module in model.modules():
+        if enable and type(module) is torch.nn.Linear and module.weight.dtype == torch.bfloat16 \
+                and module.weight.device.type == "cpu" and module.weight.is_contiguous():
+            module.__class__ = GemvLinear
+            count += 1
+        elif not enable and type(module) is GemvLinear:
+            module.__class__ = torch.nn.Linear
+            count += 1
+    return count
+
+
+def prepare_generation_backend(cfg: Config, m: LoadedModel) -> str:
+    """Once at load: "gemv" where it applies, else "eager"; never fails, logs why it falls back."""
+    if cfg.generation_backend == "eager":
+        return "eager"
+    reason = gemv_unsupported(m)
+    if reason is None:
+        try:
+            load_gemv_kernel()
+        except GemvUnavailable as exc:
+            reason = str(exc)
+    if reason is not None:
+        report = log.warning if cfg.generation_backend == "gemv" else log.info
+        report("GENERATION_BACKEND=%s: %s; using eager generation", cfg.generation_backend, reason)
+        return "eager"
+    count = use_gemv_linears(m.model)
+    log.info("GENERATION_BACKEND=%s: %d bf16 linear layers decode with the AVX512-BF16 kernel",
+             cfg.generation_backend, count)
+    return "gemv" if count else "eager"
 
 
 def describe_failure(exc: BaseException) -> str:
@@ -2160,7 +2377,10 @@ def serve(cfg: Config) -> None:
             return create_app(cfg)
 
     setup_logging()
-    if cfg.host not in LOOPBACK_HOSTS and not cfg.api_key:
+    if cfg.host not in LOOPBACK_HOSTS and not cfg.api_key and os.path.exists("/.dockerenv"):
+        log.warning("binding %s inside a container without API_KEY: publish the port on 127.0.0.1 only "
+                    "(the build_and_run scripts do) or set API_KEY", cfg.host)
+    elif cfg.host not in LOOPBACK_HOSTS and not cfg.api_key:
         log.warning("!" * 78)
         log.warning("! binding %s WITHOUT an API key: anyone who can reach this port can use the model.", cfg.host)
         log.warning("! Set API_KEY (clients send 'Authorization: Bearer <key>') or bind HOST=127.0.0.1.")
