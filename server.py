@@ -1560,13 +1560,21 @@ class TextStream:
         self.job.cancel()
 
     def _events(self) -> Iterator[tuple[str, Any]]:
+        """Engine events; the client check runs on a clock, also while tokens keep arriving."""
+        next_poll = time.monotonic() + self.POLL_S
         while True:
             try:
-                yield self.job.events.get(timeout=self.POLL_S)
+                event = self.job.events.get(timeout=self.POLL_S)
             except queue.Empty:
+                event = None
+            now = time.monotonic()
+            if now >= next_poll:
+                next_poll = now + self.POLL_S
                 if not self.job.cancelled.is_set() and self.client_gone():
                     log.info("client disconnected: cancelling generation")
                     self.job.cancel()
+            if event is not None:
+                yield event
 
     def __iter__(self) -> Iterator[str]:
         job, m = self.job, self.m
