@@ -292,7 +292,7 @@ def download_model(repo_id: str, revision: str, token: str | None, local_dir: st
     """Fetch a snapshot with the hub's progress bars; turn hub failures into one clear line."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (GatedRepoError, HFValidationError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+                                        OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
 
     where = local_dir or cache_dir or "the Hugging Face cache"
     log.info("downloading %s (revision %s) into %s; this is ~7.3 GB on first run", repo_id, revision, where)
@@ -309,7 +309,7 @@ def download_model(repo_id: str, revision: str, token: str | None, local_dir: st
         raise ModelLoadError(f"revision {revision!r} of {repo_id} does not exist; check MODEL_REVISION") from None
     except HFValidationError:
         raise ModelLoadError(f"{repo_id!r} is neither a local model folder nor a valid hub id") from None
-    except LocalEntryNotFoundError:
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled):
         raise ModelLoadError(f"{repo_id} is not in {where} and the hub cannot be reached (offline, "
                              "HF_HUB_OFFLINE=1, or no network); download it first or fix MODEL_PATH") from None
     except (OSError, ValueError) as exc:  # requests' errors are OSErrors; hub HTTP errors too
@@ -352,12 +352,18 @@ def locate_model(cfg: Config) -> Path:
     if folder.is_dir() and has_model_files(folder):
         return folder
     log.info("MODEL_PATH=%s holds no model yet: downloading %s into it", path, cfg.model_id)
+    created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ModelLoadError(f"MODEL_PATH={path} does not exist and cannot be created ({exc.strerror}); "
                              f"outside Docker use a folder you own, or the hub id {cfg.model_id}") from None
-    download_model(cfg.model_id, cfg.model_revision, cfg.hf_token, local_dir=str(folder))
+    try:
+        download_model(cfg.model_id, cfg.model_revision, cfg.hf_token, local_dir=str(folder))
+    except ModelLoadError:
+        if created and not any(folder.iterdir()):
+            folder.rmdir()  # leave no empty folder behind a failed first download
+        raise
     if not has_model_files(folder):
         raise ModelLoadError(f"MODEL_PATH={path} still holds no config.json and weights after the download")
     return folder
@@ -1182,6 +1188,7 @@ GEMV_SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <immintrin.h>
+#include <omp.h>
 #include <cstring>
 
 namespace {
@@ -1228,18 +1235,21 @@ at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w, const std::option
   const uint16_t* W = reinterpret_cast<const uint16_t*>(w.data_ptr());
   const uint16_t* X = reinterpret_cast<const uint16_t*>(x.data_ptr());
   uint16_t* Y = reinterpret_cast<uint16_t*>(y.data_ptr());
-  at::parallel_for(0, (N + ROWS - 1) / ROWS, 16, [&](int64_t begin, int64_t end) {
+  // torch's own OpenMP pool and thread count; dynamic chunks of 64 rows, so a thread that the
+  // OS preempts (cores shared with other work) delays the step by a chunk, not by half the matrix
+  const int64_t blocks = (N + ROWS - 1) / ROWS;
+  const int threads = (int)std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks / 16));
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 16)
+  for (int64_t block = 0; block < blocks; block++) {
     float out[ROWS];
-    for (int64_t block = begin; block < end; block++) {
-      const int64_t n0 = block * ROWS, rows = std::min(ROWS, N - n0);
-      if (rows == ROWS) {
-        dot_rows<ROWS>(W + n0 * K, X, K, out);
-      } else {
-        for (int64_t r = 0; r < rows; r++) dot_rows<1>(W + (n0 + r) * K, X, K, out + r);
-      }
-      for (int64_t r = 0; r < rows; r++) Y[n0 + r] = to_bf16(out[r] + (B ? B[n0 + r] : 0.f));
+    const int64_t n0 = block * ROWS, rows = std::min(ROWS, N - n0);
+    if (rows == ROWS) {
+      dot_rows<ROWS>(W + n0 * K, X, K, out);
+    } else {
+      for (int64_t r = 0; r < rows; r++) dot_rows<1>(W + (n0 + r) * K, X, K, out + r);
     }
-  });
+    for (int64_t r = 0; r < rows; r++) Y[n0 + r] = to_bf16(out[r] + (B ? B[n0 + r] : 0.f));
+  }
   return y;
 }
 }  // namespace
@@ -1410,6 +1420,7 @@ class Engine:
     # -- lifecycle --
     def start(self, wait: bool = False) -> "Engine":
         """Load the model (in this worker process) on the engine thread, then serve jobs."""
+        self.caller_reports_errors = wait  # the CLI prints the load error itself, once
         self._thread = threading.Thread(target=self._main, name="hcx-engine", daemon=True)
         self._thread.start()
         if wait:
@@ -1421,7 +1432,7 @@ class Engine:
             self.model = load_model(self.cfg)
         except ModelLoadError as exc:
             self.state, self.error = "error", str(exc)
-            log.error("model not loaded: %s", exc)
+            log.log(logging.DEBUG if self.caller_reports_errors else logging.ERROR, "model not loaded: %s", exc)
             return
         except Exception as exc:  # noqa: BLE001 - any load fault must surface in /health
             self.state, self.error = "error", f"{type(exc).__name__}: {exc}"
@@ -1608,11 +1619,17 @@ class TextStream:
                 finish = "cancelled"
             elif self.tokens < job.max_new_tokens:
                 finish = "stop"
+        except GenerationError:
+            finish = "error"
+            raise
+        except GeneratorExit:  # the consumer (a client that hung up) stopped reading
+            finish = "cancelled"
+            raise
+        finally:
+            job.cancel()  # no-op when finished; stops the engine if the consumer went away early
             now = time.perf_counter()
             self.completion = Completion("", finish, job.inputs.prompt_tokens, self.tokens,
                                          (first_at or now) - job.submitted, now - job.submitted)
-        finally:
-            job.cancel()  # no-op when finished; stops the engine if the consumer went away early
 
 
 def stream(engine: Engine, req: GenerationRequest, client_gone: Callable[[], bool] | None = None) -> TextStream:
@@ -1785,7 +1802,7 @@ def register_errors(app: Flask) -> None:
 
 # -- OpenAI-compatible responses -------------------------------------------------------------
 
-FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "stop"}
+FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "stop", "error": "stop"}
 
 
 def usage(c: Completion) -> dict:
