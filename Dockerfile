@@ -20,6 +20,9 @@
 #   INSTALL_REMOTE_CODE_DEPS  1 (default): also install requirements-remote-code.txt
 #                (timm, einops, torchvision), which the real model's remote code needs.
 #                0: leave them out (CPU test images with a tiny model).
+#   INSTALL_COMPILER    1 (default): install g++ so that CPUs with AVX512-BF16 build the fast
+#                bf16 decode kernel once at first start (GENERATION_BACKEND=auto/gemv, ~1.8x
+#                decode, see BENCHMARKS.md); 0: leave it out (CPU decode then runs eager).
 #   APP_UID / APP_GID   The non-root user the server runs as (default 1000:1000).
 #
 # .docker-build/ (git-ignored, optional) is copied into the dependency stage only: local
@@ -84,6 +87,13 @@ RUN set -eu; \
 FROM base
 ARG APP_UID=1000
 ARG APP_GID=1000
+ARG INSTALL_COMPILER=1
+RUN set -eu; \
+    if [ "$INSTALL_COMPILER" = "1" ] && ! command -v g++ >/dev/null 2>&1; then \
+        apt-get update; \
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends g++; \
+        rm -rf /var/lib/apt/lists/*; \
+    fi
 COPY --from=deps /opt/venv /opt/venv
 # The project itself (py-modules server and cli, console script hcx-cli), no dependencies.
 COPY pyproject.toml README.m[d] server.py cli.py /tmp/src/

@@ -47,7 +47,8 @@ Options:
       --cpu                run on the CPU even if a GPU is usable
       --gpu                require a GPU (fail instead of falling back to the CPU)
       --build-arg KEY=VAL  extra docker build argument (repeatable), e.g.
-                           TORCH_REQUIREMENT=..., PIP_EXTRA_ARGS=..., INSTALL_REMOTE_CODE_DEPS=0
+                           TORCH_REQUIREMENT=..., PIP_EXTRA_ARGS=..., INSTALL_REMOTE_CODE_DEPS=0,
+                           INSTALL_COMPILER=0
       --no-build           run the existing image without building it
       --build-only         build the image, then stop (no container is started)
       --network host       build and run with host networking (env DOCKER_NETWORK=host): no

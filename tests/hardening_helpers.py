@@ -244,47 +244,10 @@ class RawStream:
 
 def build_short_gpt2_llava(folder: str | os.PathLike, n_positions: int = 64, seed: int = 0,
                            image_size: int = 56) -> Path:
-    """Like server.build_demo_model (same tokenizer, processor and chat template) but the text
-    model is GPT-2 with `n_positions` learned positions: position n_positions and beyond is a real
+    """server.build_demo_model (same tokenizer, processor and chat template) with a GPT-2 text
+    model of `n_positions` learned positions: position n_positions and beyond is a real
     IndexError inside generate(), which MAX_MODEL_LEN can push past validation."""
-    import torch
-    from transformers import (
-        GenerationConfig,
-        GPT2Config,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-        SiglipImageProcessor,
-        SiglipVisionConfig,
-    )
-
     import server
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = server.build_demo_tokenizer()
-    patch = 14
-    image_processor = SiglipImageProcessor(size={"height": image_size, "width": image_size},
-                                           image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
-                               vision_feature_select_strategy="full", num_additional_image_tokens=0,
-                               chat_template=server.DEMO_CHAT_TEMPLATE, image_token="<image>")
-    eos = tokenizer.eos_token_id
-    config = LlavaConfig(
-        vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=2, image_size=image_size, patch_size=patch),
-        text_config=GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=n_positions,
-                               vocab_size=len(tokenizer), bos_token_id=eos, eos_token_id=eos,
-                               pad_token_id=tokenizer.pad_token_id),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_select_strategy="full", vision_feature_layer=-1,
-        image_seq_length=(image_size // patch) ** 2,
-    )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
-    model.generation_config = GenerationConfig(
-        eos_token_id=[tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endofturn|>")],
-        pad_token_id=tokenizer.pad_token_id)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+    return server.build_demo_model(folder, seed=seed, image_size=image_size, max_position_embeddings=n_positions,
+                                   text_model="gpt2")

@@ -1,0 +1,55 @@
+"""`hcx-cli bench` (issue 7): a quick smoke run on the tiny demo model, and its helpers.
+
+No timing assertions: the bench's output format and its own correctness checks (every route
+returns the in-process text) are what is tested.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+import cli
+from tests.fixtures import run_cli
+
+SUMMARY = re.compile(r"^overhead_ratio=(\d+\.\d+) stream_overhead_ratio=(\d+\.\d+)$")
+
+
+def test_bench_smoke_on_the_tiny_model():
+    done = run_cli(["bench", "--reps", "1", "--tokens", "6", "--threads", "1"], timeout=240)
+    out = done.stdout.decode("utf-8", "replace")
+    assert done.returncode == 0, f"exit {done.returncode}\n{out}\n{done.stderr.decode(errors='replace')[-3000:]}"
+    lines = out.strip().splitlines()
+    match = SUMMARY.match(lines[-1])
+    assert match, f"last line is not the summary: {lines[-1]!r}"
+    overhead, stream_overhead = (float(x) for x in match.groups())
+    assert overhead > 0 and stream_overhead > 0
+    assert "checks: every route returned the in-process text (6 tokens): ok" in lines
+    assert lines[-2] == "checks: ok"
+    for route in cli.BENCH_ROUTES:
+        assert any(line.startswith(route) for line in lines), route
+
+
+def test_sse_parsing_joins_content_deltas_and_times_them():
+    chunks = [(0.1, b'data: {"choices": [{"delta": {"role": "assistant", "content": ""}}]}\n\n'),
+              (0.2, b'data: {"choices": [{"delta": {"content": "\xec\x95\x88"}}]}\n\ndata: {"choi'),
+              (0.3, b'ces": [{"delta": {"content": "b"}}]}\n\n'),
+              (0.4, b'data: {"choices": [{"delta": {}, "finish_reason": "length"}]}\n\ndata: [DONE]\n\n')]
+    text, times = cli._sse_text(chunks)
+    assert text == "안b" and times == [0.2, 0.3]
+    assert cli._cadence([1.0, 1.5, 3.0]) == 1.0
+
+
+def test_full_size_model_has_hcx_like_shapes():
+    from transformers import Idefics3ForConditionalGeneration
+
+    processor, config = cli.full_model_parts()
+    with torch.device("meta"):
+        model = Idefics3ForConditionalGeneration(config)
+    total, decode = cli._weight_bytes(model)  # meta params still report their element size
+    params = sum(p.numel() for p in model.parameters())
+    vision = sum(p.numel() for n, p in model.named_parameters() if "vision_model" in n)
+    assert 3.5e9 < params < 3.8e9 and 0.40e9 < vision < 0.45e9
+    assert 3.1e9 < decode / 4 < 3.3e9  # fp32 meta: decoder + tied lm_head, no vision, no connector
+    assert processor.image_seq_len == 81 and config.vision_config.image_size == 378
