@@ -96,6 +96,12 @@ def stop_ids(tokenizer):
     return ids
 
 
+def greedy_8(tokenizer, **extra) -> dict:
+    """Exactly 8 greedy tokens, stopping on the HCX end-of-turn ids."""
+    return dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, eos_token_id=stop_ids(tokenizer),
+                pad_token_id=tokenizer.pad_token_id, **extra)
+
+
 def build_image_inputs(tokenizer, preprocessor, image):
     new_chat, images, is_video_list = preprocessor.load_images_videos(image_chat(image))
     pre = preprocessor(images, is_video_list=is_video_list)
@@ -217,26 +223,14 @@ def test_image_chat_generate_stream(model_dir, tokenizer, preprocessor, dtype):
     assert prompt_tokens < model.config.language_config["max_position_embeddings"]
 
     recorder = RecordLengths()
-    kwargs = dict(
-        input_ids=input_ids,
-        max_new_tokens=8,
-        min_new_tokens=8,
-        do_sample=False,
-        eos_token_id=stop_ids(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        stopping_criteria=StoppingCriteriaList([recorder]),
-        **pre,
-    )
+    kwargs = greedy_8(tokenizer, input_ids=input_ids, stopping_criteria=StoppingCriteriaList([recorder]), **pre)
     out, chunks = stream_generate(model, tokenizer, **kwargs)
     # image path: language_model.generate(inputs_embeds=...) -> only the new tokens
     assert out.shape == (1, 8)
     assert recorder.lengths == list(range(1, 9))
     assert "".join(chunks) == tokenizer.decode(out[0])
 
-    again = model.generate(
-        input_ids=input_ids, max_new_tokens=8, min_new_tokens=8, do_sample=False,
-        eos_token_id=stop_ids(tokenizer), pad_token_id=tokenizer.pad_token_id, **pre,
-    )
+    again = model.generate(**greedy_8(tokenizer, input_ids=input_ids, **pre))
     assert torch.equal(again, out)  # stream == non-stream under greedy
 
 
@@ -249,16 +243,7 @@ def test_text_chat_generate_stream(model_dir, tokenizer, dtype):
     prompt_len = input_ids.shape[1]
     recorder = RecordLengths()
     out, chunks = stream_generate(
-        model,
-        tokenizer,
-        input_ids=input_ids,
-        max_new_tokens=8,
-        min_new_tokens=8,
-        do_sample=False,
-        eos_token_id=stop_ids(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        stopping_criteria=StoppingCriteriaList([recorder]),
-    )
+        model, tokenizer, **greedy_8(tokenizer, input_ids=input_ids, stopping_criteria=StoppingCriteriaList([recorder])))
     # text path: language_model.generate(input_ids=...) -> prompt + new tokens
     assert out.shape == (1, prompt_len + 8)
     assert torch.equal(out[:, :prompt_len], input_ids)
