@@ -2273,7 +2273,7 @@ def register_routes(app: Flask, engine: Engine) -> None:
             return jsonify(status="error", error=engine.error), 503
         m = engine.model
         return jsonify(status="ok", model=m.name, device=str(m.device), dtype=str(m.dtype).replace("torch.", ""),
-                       kind=m.kind, demo=m.demo, context_length=m.context_length,
+                       kind=m.kind, backend=m.generation_backend, demo=m.demo, context_length=m.context_length,
                        queue_depth=engine.queue_depth, max_queue=cfg.max_queue,
                        **({"note": "DEMO MODE: tiny random-weight model, answers are gibberish"} if m.demo else {}))
 
