@@ -163,10 +163,12 @@ def ask(cfg: server.Config, prompt, stream, as_json, **sampling):
 @click.option("--host", default=None, help="Bind address (default HOST or 127.0.0.1).")
 @click.option("--port", type=click.IntRange(1, 65535), default=None, help="Port (default PORT or 8000).")
 @click.option("--threads", type=click.IntRange(1, 1024), default=None, help="gunicorn threads (default MAX_QUEUE + 4).")
+@click.option("--demo", is_flag=True, help="Serve a tiny random-weight demo model (no download; gibberish answers).")
 @click.pass_obj
-def serve(cfg: server.Config, host, port, threads):
+def serve(cfg: server.Config, host, port, threads, demo):
     """Start the HTTP server: gunicorn, one gthread worker."""
-    overrides = {k: v for k, v in {"host": host, "port": port, "threads": threads}.items() if v is not None}
+    overrides = {k: v for k, v in {"host": host, "port": port, "threads": threads, "demo": demo or None}.items()
+                 if v is not None}
     cfg = dataclasses.replace(cfg, **overrides)
     if cfg.demo:
         click.echo("note: DEMO MODE, serving a tiny random-weight model; answers are gibberish", err=True)

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.fixtures import SEED_ROUTE, b64, image_bytes, local_only, post, run_cli
+from tests.fixtures import SEED_ROUTE, LiveServer, b64, image_bytes, local_only, post, run_cli
 
 MAX_TOKENS = "8"
 SAMPLING = ("--max-tokens", MAX_TOKENS, "--seed", "1")
@@ -234,3 +234,13 @@ def test_download_local_complete_folder_prints_its_path(runs, demo):
 def test_download_offline_missing_folder_fails_clearly(runs, files):
     line = assert_clean_failure(runs["download_missing"], 1, files["no_model"])
     assert "HF_HUB_OFFLINE" in line or "offline" in line
+
+
+@local_only
+def test_serve_demo_flag_serves_the_demo_model(demo):
+    """The README's first command: `hcx-cli serve --demo` (the flag after the command)."""
+    with LiveServer(None, env={"DEMO_MODEL_DIR": demo}, args=["--demo"], name="hcx-serve-demo") as srv:
+        assert srv.health["demo"] is True and srv.health["model"] == "hcx-demo-tiny-random"
+        assert "DEMO MODE" in srv.health["note"]
+        resp = post(srv.url, SEED_ROUTE, {"prompt": "hi", "max_tokens": 4, "min_tokens": 4, "seed": 1})
+        assert resp.status_code == 200 and isinstance(resp.json()["result"], str)
