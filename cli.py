@@ -74,8 +74,7 @@ def answer(engine: server.Engine, req: server.GenerationRequest, streaming: bool
     """Print one answer (streamed piece by piece or at once) and return its completion."""
     try:
         if not streaming:
-            completion = server.generate(engine, req)
-            return completion
+            return server.generate(engine, req)
         pieces = server.stream(engine, req)
         text = []
         for piece in pieces:
@@ -107,6 +106,21 @@ def request_body(prompt: str, **sampling) -> dict:
     return {"prompt": prompt, **{k: v for k, v in sampling.items() if v is not None}}
 
 
+def build_request(cfg: server.Config, prompt: str, images=(), **sampling) -> server.GenerationRequest:
+    """The seed route's parser on that body, with the (already checked) images attached."""
+    try:
+        req = server.prompt_request(request_body(prompt, **sampling), cfg)
+    except server.InputError as exc:
+        fail(exc.message)
+    req.messages[-1].images = list(images)
+    return req
+
+
+def completion_json(c: server.Completion, **extra) -> str:
+    return json.dumps({**extra, "result": c.text, "finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
+                       "completion_tokens": c.completion_tokens}, ensure_ascii=False)
+
+
 @main.command()
 @click.argument("images", nargs=-1, required=True)
 @click.option("--prompt", default="Describe this image.", show_default=True)
@@ -116,22 +130,14 @@ def request_body(prompt: str, **sampling) -> dict:
 @click.pass_obj
 def describe(cfg: server.Config, images, prompt, stream, as_json, **sampling):
     """Describe IMAGE(s) locally, no server. '-' reads an image from stdin."""
-    loaded = [(path, read_image(path, cfg)) for path in images]  # bad input fails before the slow load
+    # every image and option is checked before the slow load
+    requests = [(path, build_request(cfg, prompt, [read_image(path, cfg)], **sampling)) for path in images]
     engine = start_engine(cfg)
-    for path, image in loaded:
-        body = request_body(prompt, **sampling)
-        try:
-            req = server.prompt_request(body, cfg)
-        except server.InputError as exc:
-            fail(exc.message)
-        req.messages[-1].images = [image]
+    for path, req in requests:
         if as_json:
-            c = answer(engine, req, streaming=False)
-            click.echo(json.dumps({"image": path, "result": c.text, "finish_reason": c.finish_reason,
-                                   "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens},
-                                  ensure_ascii=False))
+            click.echo(completion_json(answer(engine, req, streaming=False), image=path))
             continue
-        if len(loaded) > 1:
+        if len(requests) > 1:
             click.echo(f"== {path}")
         c = answer(engine, req, streaming=stream)
         if not stream:
@@ -146,15 +152,11 @@ def describe(cfg: server.Config, images, prompt, stream, as_json, **sampling):
 @click.pass_obj
 def ask(cfg: server.Config, prompt, stream, as_json, **sampling):
     """Ask a text-only PROMPT locally, no server."""
-    try:
-        req = server.prompt_request(request_body(prompt, **sampling), cfg)
-    except server.InputError as exc:
-        fail(exc.message)
+    req = build_request(cfg, prompt, **sampling)
     engine = start_engine(cfg)
     c = answer(engine, req, streaming=stream and not as_json)
     if as_json:
-        click.echo(json.dumps({"result": c.text, "finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
-                               "completion_tokens": c.completion_tokens}, ensure_ascii=False))
+        click.echo(completion_json(c))
     elif not stream:
         click.echo(c.text)
 
@@ -243,9 +245,8 @@ def selfcheck(cfg: server.Config, max_tokens):
     started = time.perf_counter()
     engine = start_engine(cfg)
     load_s = time.perf_counter() - started
-    req = server.prompt_request({"prompt": "What shape and colour is in this image?", "max_tokens": max_tokens,
-                                 "seed": 0}, cfg)
-    req.messages[-1].images = [server.open_image(buf.getvalue(), cfg)]
+    req = build_request(cfg, "What shape and colour is in this image?", [server.open_image(buf.getvalue(), cfg)],
+                        max_tokens=max_tokens, seed=0)
     c = answer(engine, req, streaming=False)
     m = engine.model
     decode_s = max(c.total_s - c.ttft_s, 1e-9)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import functools
 import io
 import json
 import logging
@@ -257,13 +258,19 @@ def resolve_device(cfg: Config) -> torch.device:
     return torch.device(want)
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's instruction-set flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    return frozenset(re.findall(r"[a-z0-9_]+", " ".join(re.findall(r"^flags\s*:(.*)$", text, re.MULTILINE))))
+
+
 def cpu_has_native_bf16() -> bool:
     """bf16 only pays on CPUs with bf16 instructions (AVX512-BF16 / AMX); others emulate it slowly."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -428,22 +435,20 @@ def keep_vision_in_float32(model, llm_dtype: torch.dtype) -> None:
     for module in modules:
         module.float()
         module.register_forward_pre_hook(
-            lambda _m, args, kwargs: (tuple(_to_float32(a) for a in args),
-                                      {k: _to_float32(v) for k, v in kwargs.items()}),
-            with_kwargs=True)
+            lambda _m, args, kwargs: cast_floats((args, kwargs), torch.float32), with_kwargs=True)
     projector = modules[-1]
-    projector.register_forward_hook(lambda _m, _args, out: _cast_floats(out, llm_dtype))
+    projector.register_forward_hook(lambda _m, _args, out: cast_floats(out, llm_dtype))
 
 
-def _to_float32(value):
-    return value.float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
-
-
-def _cast_floats(value, dtype):
-    if isinstance(value, torch.Tensor) and value.is_floating_point():
-        return value.to(dtype)
+def cast_floats(value: Any, dtype: torch.dtype, device: torch.device | None = None) -> Any:
+    """Tensors anywhere in nested lists, tuples and plain dicts: floating ones to `dtype`, all to
+    `device` (when given); ids, sizes and masks keep their integer dtype (the fp16 fix)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, dtype=dtype if value.is_floating_point() else None)
+    if type(value) is dict:
+        return {key: cast_floats(item, dtype, device) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_cast_floats(v, dtype) for v in value)
+        return type(value)(cast_floats(item, dtype, device) for item in value)
     return value
 
 
@@ -512,8 +517,7 @@ def load_model(cfg: Config) -> LoadedModel:
     loaded = LoadedModel(kind=kind, model=model, processor=processor, tokenizer=tokenizer,
                          name=cfg.served_model_name, path=str(folder), device=device, dtype=dtype,
                          vision_dtype=vision_dtype, stop_token_ids=stops, pad_token_id=pad,
-                         context_length=cfg.max_model_len or window, demo=cfg.demo,
-                         load_seconds=time.perf_counter() - started)
+                         context_length=cfg.max_model_len or window, demo=cfg.demo)
     loaded.generation_backend = prepare_generation_backend(cfg, loaded)
     loaded.load_seconds = time.perf_counter() - started
     log.info("model ready in %.1f s (context %d tokens, stop ids %s, %s generation)", loaded.load_seconds,
@@ -658,8 +662,7 @@ def decode_image(data: str, cfg: Config, param: str = "image_base64") -> Image.I
         text = text[match.end():]
     text = re.sub(r"\s+", "", text)
     if len(text) * 3 // 4 > cfg.max_image_bytes:
-        raise InputError(f"image is larger than MAX_IMAGE_BYTES={cfg.max_image_bytes} bytes", status=413,
-                         param=param, code="image_too_large")
+        raise image_too_large(cfg, param)
     try:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
@@ -671,11 +674,15 @@ def decode_image(data: str, cfg: Config, param: str = "image_base64") -> Image.I
     return open_image(raw, cfg, param)
 
 
+def image_too_large(cfg: Config, param: str) -> InputError:
+    return InputError(f"image is larger than MAX_IMAGE_BYTES={cfg.max_image_bytes} bytes", status=413,
+                      param=param, code="image_too_large")
+
+
 def open_image(raw: bytes, cfg: Config, param: str = "image") -> Image.Image:
     """Open with Pillow, refuse bombs before decoding pixels, apply EXIF rotation, flatten to RGB."""
     if len(raw) > cfg.max_image_bytes:
-        raise InputError(f"image is larger than MAX_IMAGE_BYTES={cfg.max_image_bytes} bytes", status=413,
-                         param=param, code="image_too_large")
+        raise image_too_large(cfg, param)
     try:
         with Image.open(io.BytesIO(raw)) as img:
             width, height = img.size
@@ -914,8 +921,7 @@ def fetch_remote_image(url: str, cfg: Config, param: str = "image_url",
         while chunk := response.read1(65536):  # what has arrived, not a full 64 KiB
             size += len(chunk)
             if size > cfg.max_image_bytes:
-                raise InputError(f"remote image is larger than MAX_IMAGE_BYTES={cfg.max_image_bytes}", status=413,
-                                 param=param, code="image_too_large")
+                raise image_too_large(cfg, param)
             chunks.append(chunk)
         if time.monotonic() > deadline:  # the watchdog cut the body short
             raise TimeoutError
@@ -1000,16 +1006,10 @@ class ModelInputs:
     prompt_tokens: int
 
 
-def to_model(value: Any, m: LoadedModel) -> Any:
-    """Move tensors (also inside HCX's nested lists) to the device; cast ONLY floating ones
-    (pixel values) to the vision dtype, never ids, sizes or masks (the fp16 fix)."""
-    if isinstance(value, torch.Tensor):
-        return value.to(m.device, dtype=m.vision_dtype if value.is_floating_point() else None)
-    if isinstance(value, dict):
-        return {key: to_model(item, m) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(to_model(item, m) for item in value)
-    return value
+def to_model(tensors: dict[str, Any], m: LoadedModel) -> dict[str, Any]:
+    """On the model's device; floating tensors (pixel values, also inside HCX's nested lists) in
+    the vision dtype."""
+    return cast_floats(dict(tensors), m.vision_dtype, m.device)
 
 
 def build_generic_inputs(m: LoadedModel, req: GenerationRequest) -> ModelInputs:
@@ -1291,20 +1291,13 @@ class GemvLinear(torch.nn.Linear):
         return torch.nn.functional.linear(x, self.weight, self.bias)
 
 
-def cpu_has_avx512_bf16() -> bool:
-    try:
-        return bool(re.search(r"\bavx512_bf16\b", Path("/proc/cpuinfo").read_text()))
-    except OSError:
-        return False
-
-
 def gemv_unsupported(m: LoadedModel) -> str | None:
     """Why the gemv backend cannot apply to this model/device, or None when it can."""
     if m.device.type != "cpu":
         return f"the fast decode kernel is for CPUs and the model is on {m.device.type}"
     if m.dtype != torch.bfloat16:
         return f"the fast decode kernel needs bfloat16 weights, the model is {str(m.dtype).replace('torch.', '')}"
-    if not cpu_has_avx512_bf16():
+    if "avx512_bf16" not in cpu_flags():
         return "this CPU has no AVX512-BF16 instructions"
     return None
 
@@ -1779,14 +1772,16 @@ def record_completion(access: dict | None, completion: Completion | None) -> Non
                       ttft_ms=round(completion.ttft_s * 1000, 1), finish=completion.finish_reason)
 
 
-def streaming_response(events: Iterator[str], mimetype: str, pieces: TextStream) -> Response:
-    """A generator-backed response sent as produced; closing it cancels the generation."""
+def streaming_response(events: Iterator[str], mimetype: str, pieces: TextStream | None = None) -> Response:
+    """A generator-backed response sent as produced (no proxy buffering); closing it cancels
+    the generation of `pieces`."""
     response = Response(events, mimetype=mimetype)
     if mimetype == "text/plain":
         response.headers["Content-Type"] = "text/plain; charset=utf-8"
     response.headers["X-Accel-Buffering"] = "no"
     response.headers["Cache-Control"] = "no-cache"
-    response.call_on_close(pieces.cancel)
+    if pieces is not None:
+        response.call_on_close(pieces.cancel)
     return response
 
 
@@ -2113,10 +2108,7 @@ def mcp_http(mcp: McpServer) -> Response:
     replies = mcp.handle(message, session or "", gone, progress=wants_progress, access=access)
     if wants_progress:
         events = (f"event: message\ndata: {json.dumps(r, ensure_ascii=False)}\n\n" for r in replies)
-        response = Response(events, mimetype="text/event-stream")
-        response.headers["Cache-Control"] = "no-cache"
-        response.headers["X-Accel-Buffering"] = "no"
-        return response
+        return streaming_response(events, "text/event-stream")  # closing it closes call_tool: cancels
     replies = list(replies)
     if not replies:
         return Response(status=202)
