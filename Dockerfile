@@ -95,8 +95,10 @@ RUN set -eu; \
         rm -rf /var/lib/apt/lists/*; \
     fi
 COPY --from=deps /opt/venv /opt/venv
-# The project itself (py-modules server and cli, console script hcx-cli), no dependencies.
+# The project itself (py-modules server and cli, the benchmarks package, console script hcx-cli),
+# no dependencies.
 COPY pyproject.toml README.m[d] server.py cli.py /tmp/src/
+COPY benchmarks /tmp/src/benchmarks/
 RUN set -eu; \
     [ -f /tmp/src/README.md ] || : >/tmp/src/README.md; \
     pip install --no-deps --no-build-isolation /tmp/src; \

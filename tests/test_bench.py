@@ -10,7 +10,7 @@ import re
 
 import torch
 
-import cli
+from benchmarks import bench
 from tests.fixtures import run_cli
 
 SUMMARY = re.compile(r"^overhead_ratio=(\d+\.\d+) stream_overhead_ratio=(\d+\.\d+)$")
@@ -27,7 +27,7 @@ def test_bench_smoke_on_the_tiny_model():
     assert overhead > 0 and stream_overhead > 0
     assert "checks: every route returned the in-process text (6 tokens): ok" in lines
     assert lines[-2] == "checks: ok"
-    for route in cli.BENCH_ROUTES:
+    for route in bench.BENCH_ROUTES:
         assert any(line.startswith(route) for line in lines), route
 
 
@@ -36,18 +36,18 @@ def test_sse_parsing_joins_content_deltas_and_times_them():
               (0.2, b'data: {"choices": [{"delta": {"content": "\xec\x95\x88"}}]}\n\ndata: {"choi'),
               (0.3, b'ces": [{"delta": {"content": "b"}}]}\n\n'),
               (0.4, b'data: {"choices": [{"delta": {}, "finish_reason": "length"}]}\n\ndata: [DONE]\n\n')]
-    text, times = cli._sse_text(chunks)
+    text, times = bench._sse_text(chunks)
     assert text == "안b" and times == [0.2, 0.3]
-    assert cli._cadence([1.0, 1.5, 3.0]) == 1.0
+    assert bench._cadence([1.0, 1.5, 3.0]) == 1.0
 
 
 def test_full_size_model_has_hcx_like_shapes():
     from transformers import Idefics3ForConditionalGeneration
 
-    processor, config = cli.full_model_parts()
+    processor, config = bench.full_model_parts()
     with torch.device("meta"):
         model = Idefics3ForConditionalGeneration(config)
-    total, decode = cli._weight_bytes(model)  # meta params still report their element size
+    total, decode = bench._weight_bytes(model)  # meta params still report their element size
     params = sum(p.numel() for p in model.parameters())
     vision = sum(p.numel() for n, p in model.named_parameters() if "vision_model" in n)
     assert 3.5e9 < params < 3.8e9 and 0.40e9 < vision < 0.45e9

@@ -1,0 +1,1 @@
+"""The benchmark of hcx-server (`hcx-cli bench`)."""
