@@ -19,6 +19,7 @@ import base64
 import binascii
 import dataclasses
 import functools
+import inspect
 import io
 import json
 import logging
@@ -49,16 +50,19 @@ __version__ = "0.1.0"
 # ======================================================================================
 
 HCX_HUB_ID = "naver-hyperclovax/HyperCLOVAX-SEED-Vision-Instruct-3B"
-# The remote code changed between revisions (a later one swapped in a text=/images= processor):
-# trust_remote_code only runs this one, the first upload, whose model-card interface we follow.
-# A short commit id is expanded against the repo's history before download (see resolve_revision).
-HCX_REVISION = "42c6bee"
+# trust_remote_code runs the model's own code, so downloads are pinned to one commit. Both code
+# revisions in users' hands are served (section 2: hcx-v1, the first upload 42c6bee with its
+# load_images_videos() preprocessor; hcx-v2, "New Processor, Model for vLLM" and later, with
+# HCXProcessor); the default pin is the one full v2 commit id known. A short commit id (e.g.
+# MODEL_REVISION=42c6bee) is expanded against the repo's history before download.
+HCX_REVISION = "a78900bdac94cabc4648fe42c9ed31c3f4d522bd"
 DEMO_MODEL_NAME = "hcx-demo-tiny-random"
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, mps"
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 VISION_DTYPE_CHOICES = ("auto", "float32")
-# auto: "static" on CUDA, "gemv" on CPUs with AVX512-BF16 and bf16 weights, else "eager"; see section 4.
-GENERATION_BACKEND_CHOICES = ("auto", "static", "gemv", "eager")
+# auto: "static" on CUDA, "gemv" on CPUs with AVX512-BF16 and bf16 weights, else "eager" (all three our own
+# decode loop); "hf" = plain model.generate, also picked for a model our loop cannot drive. See section 4.
+GENERATION_BACKEND_CHOICES = ("auto", "static", "gemv", "eager", "hf")
 
 
 # Browser pages served from these origins may call the API; ":*" means any port.
@@ -220,7 +224,8 @@ class ModelLoadError(RuntimeError):
 class LoadedModel:
     """Everything generation needs, found once at load time."""
 
-    kind: str  # "hcx" (remote code, model card interface) or "generic" (image-text-to-text)
+    kind: str  # "hcx" (remote code), "generic" (image-text-to-text) or "text" (a causal LM, no vision)
+    interface: str  # "hcx-v1", "hcx-v2", "generic" or "text": how inputs are built (section 3)
     model: Any
     processor: Any
     tokenizer: Any
@@ -232,9 +237,16 @@ class LoadedModel:
     stop_token_ids: tuple[int, ...]
     pad_token_id: int
     context_length: int
+    revision: str | None = None  # the commit the folder's files came from, when it can be told
+    image_token_id: int | None = None
     demo: bool = False
     load_seconds: float = 0.0
-    generation_backend: str = "eager"  # what runs: "eager", "gemv" or "static" (section 4)
+    generation_backend: str = "eager"  # what runs: "eager", "gemv", "static" or "hf" (section 4)
+    note: str = ""  # shown in /health (demo mode, text-only model)
+    decoder: Any = None  # the causal LM our decode loop runs (section 4)
+    body: Any = None  # its decoder body, where the multimodal front hands over the prompt embeddings
+    keep_last_logits: bool = False  # the decoder takes logits_to_keep=1
+    static: Any = None  # StaticDecode: the static KV cache (and compiled step) made at load
 
 
 def resolve_device(cfg: Config) -> torch.device:
@@ -292,6 +304,15 @@ def looks_local(path: str) -> bool:
 def has_model_files(folder: Path) -> bool:
     return (folder / "config.json").is_file() and any(
         p.suffix in (".safetensors", ".bin") for p in folder.iterdir())
+
+
+def needs_download(folder: Path) -> bool:
+    """Missing or empty, or an interrupted hub download (its .cache/huggingface marker): fill or
+    resume it. Any other folder is the user's: it is checked, never overwritten."""
+    if not folder.is_dir():
+        return True
+    entries = [p for p in folder.iterdir() if p.name not in (".cache", ".gitattributes")]
+    return not entries or (not has_model_files(folder) and (folder / ".cache" / "huggingface").is_dir())
 
 
 def download_model(repo_id: str, revision: str, token: str | None, local_dir: str | None = None,
@@ -352,13 +373,17 @@ def locate_model(cfg: Config) -> Path:
         return folder
     path = cfg.model_path
     if not looks_local(path):
+        warn_if_unpinned(cfg.model_revision)
         return Path(download_model(path, cfg.model_revision, cfg.hf_token, cache_dir=cfg.cache_dir))
     folder = Path(os.path.expanduser(path))
     if folder.exists() and not folder.is_dir():
+        if folder.suffix.lower() == ".gguf":
+            raise ModelLoadError(gguf_message(path))
         raise ModelLoadError(f"MODEL_PATH={path} is a file, not a model folder")
-    if folder.is_dir() and has_model_files(folder):
+    if not needs_download(folder):
         return folder
     log.info("MODEL_PATH=%s holds no model yet: downloading %s into it", path, cfg.model_id)
+    warn_if_unpinned(cfg.model_revision)
     created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -376,16 +401,169 @@ def locate_model(cfg: Config) -> Path:
     return folder
 
 
-def model_kind(folder: Path) -> str:
-    """HCX remote code or a model transformers knows natively, from config.json alone."""
+def warn_if_unpinned(revision: str) -> None:
+    """A branch or tag (MODEL_REVISION=main) moves: the model's remote code would run unpinned."""
+    if not re.fullmatch(r"[0-9a-f]{7,40}", revision):
+        log.warning("MODEL_REVISION=%s is not a commit id: the model's remote code (trust_remote_code) then runs "
+                    "UNPINNED, whatever that branch holds when it is downloaded; pin a commit id instead", revision)
+
+
+# -- what a model folder holds: checked before loading, one line per problem ----------------
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    """What the files of a model folder say, before any weights are read."""
+
+    path: Path
+    kind: str  # hcx | generic | text
+    interface: str  # hcx-v1 | hcx-v2 | generic | text
+    revision: str | None
+    config: dict
+
+
+def gguf_message(where: str) -> str:
+    return (f"{where} is a GGUF file (for llama.cpp / Ollama); hcx-server loads the Hugging Face folder "
+            f"(config.json + *.safetensors), e.g. `hcx-cli download` of {HCX_HUB_ID}")
+
+
+def read_json_file(path: Path) -> dict:
     try:
-        config = json.loads((folder / "config.json").read_text())
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ModelLoadError(f"{path} cannot be read as JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{path} is not a JSON object")
+    return value
+
+
+def safetensors_complete(path: Path) -> str | None:
+    """None when the file holds every byte its header promises, else what is wrong (a cut download)."""
+    import struct
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                return f"{path.name} is truncated ({size} bytes)"
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > min(size - 8, 100 << 20):
+                return f"{path.name} is truncated or not a safetensors file"
+            header = json.loads(fh.read(header_len))
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{folder}/config.json cannot be read: {exc}") from None
-    architectures = config.get("architectures") or []
-    if config.get("model_type") == "hyperclovax_vlm" or "HCXVisionForCausalLM" in architectures:
-        return "hcx"
-    return "generic"
+        return f"{path.name} cannot be read ({exc})"
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if size < 8 + header_len + end:
+        return f"{path.name} is truncated: {size} of {8 + header_len + end} bytes"
+    return None
+
+
+def check_weights(folder: Path) -> None:
+    """Every shard the index lists is present and whole; a folder of GGUF files is named as such."""
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        shards = sorted(set(read_json_file(indexes[0]).get("weight_map", {}).values()))
+        missing = [name for name in shards if not (folder / name).is_file()]
+        if missing:
+            raise ModelLoadError(f"{folder} is a partial download: {len(missing)} of {len(shards)} weight shards "
+                                 f"listed in {indexes[0].name} are missing ({', '.join(missing[:3])}"
+                                 f"{', ...' if len(missing) > 3 else ''}); run `hcx-cli download` to complete it")
+        files = [folder / name for name in shards]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    for path in files:
+        problem = safetensors_complete(path)
+        if problem:
+            raise ModelLoadError(f"{folder} is a partial download: {problem}; run `hcx-cli download` to complete it")
+    if files or any(folder.glob("*.bin")):
+        return
+    ggufs = sorted(folder.glob("*.gguf"))
+    if ggufs:
+        raise ModelLoadError(gguf_message(str(ggufs[0])))
+    raise ModelLoadError(f"{folder} holds no weights (*.safetensors or *.bin)")
+
+
+def folder_revision(folder: Path) -> str | None:
+    """The commit a folder came from: a hub cache snapshot's name, or the metadata a hub download
+    into a folder leaves in .cache/huggingface/download."""
+    for part in folder.resolve().parts[::-1]:
+        if re.fullmatch(r"[0-9a-f]{40}", part):
+            return part
+    for meta in sorted((folder / ".cache" / "huggingface" / "download").glob("*.metadata")):
+        try:
+            first = meta.read_text(encoding="utf-8").split("\n", 1)[0].strip()
+        except OSError:
+            continue
+        if re.fullmatch(r"[0-9a-f]{40}", first):
+            return first
+    return None
+
+
+def hcx_interface(folder: Path) -> str:
+    """v2 ("New Processor, Model for vLLM"): processor_config.json maps AutoProcessor to
+    processing_hyperclovax.HCXProcessor; v1 (first upload): the preprocessor with load_images_videos."""
+    processor_config = folder / "processor_config.json"
+    if processor_config.is_file():
+        target = str(read_json_file(processor_config).get("auto_map", {}).get("AutoProcessor", ""))
+        if target.split("--")[-1].startswith("processing_hyperclovax."):
+            return "hcx-v2"
+    return "hcx-v2" if (folder / "processing_hyperclovax.py").is_file() else "hcx-v1"
+
+
+def remote_code_modules(folder: Path, config: dict) -> list[str]:
+    """The .py files the auto_maps name (config.json and the processor configs)."""
+    maps = [config.get("auto_map", {})]
+    maps += [read_json_file(folder / name).get("auto_map", {}) for name in PROCESSOR_FILES if (folder / name).is_file()]
+    targets = [t for m in maps if isinstance(m, dict) for v in m.values() for t in (v if isinstance(v, list) else [v])]
+    return sorted({f"{t.split('--')[-1].rsplit('.', 1)[0]}.py" for t in targets if isinstance(t, str) and "." in t})
+
+
+def is_vision_config(config: dict) -> bool:
+    return bool(config.get("vision_config")) or any(
+        re.search(r"(ConditionalGeneration|ImageTextToText|Vision)", a) for a in config.get("architectures") or [])
+
+
+def inspect_model_folder(folder: Path) -> ModelFolder:
+    """Fail at start-up with one line naming what is wrong with a broken or foreign folder."""
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        ggufs = sorted(folder.glob("*.gguf"))
+        if ggufs:
+            raise ModelLoadError(gguf_message(str(ggufs[0])))
+        raise ModelLoadError(f"{folder} has no config.json: not a Hugging Face model folder, or an incomplete "
+                             "download (run `hcx-cli download`)")
+    config = read_json_file(config_path)
+    check_weights(folder)
+    model_type = config.get("model_type")
+    if model_type == "hyperclovax_vlm" or "HCXVisionForCausalLM" in (config.get("architectures") or []):
+        kind = "hcx"
+    elif "auto_map" in config or model_type in known_model_types():
+        kind = "generic" if is_vision_config(config) else "text"
+    else:
+        raise ModelLoadError(f"{folder}/config.json has model_type {model_type!r}, which is neither HyperCLOVA X SEED "
+                             f"Vision (hyperclovax_vlm) nor a model type transformers knows")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelLoadError(f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}); the download is "
+                             "incomplete: run `hcx-cli download`")
+    if kind != "text" and not any((folder / name).is_file() for name in PROCESSOR_FILES):
+        raise ModelLoadError(f"{folder} has no {' or '.join(PROCESSOR_FILES)}: the image preprocessing settings are "
+                             "missing (incomplete download?)")
+    missing = [name for name in remote_code_modules(folder, config) if not (folder / name).is_file()]
+    if missing:
+        raise ModelLoadError(f"{folder}: the model's code file(s) {', '.join(missing)} named in its auto_map are "
+                             "missing (incomplete download?)")
+    interface = hcx_interface(folder) if kind == "hcx" else kind
+    return ModelFolder(folder, kind, interface, folder_revision(folder), config)
+
+
+def known_model_types() -> frozenset[str]:
+    from transformers import CONFIG_MAPPING
+
+    return frozenset(CONFIG_MAPPING.keys())
 
 
 def dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
@@ -397,13 +575,13 @@ def dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
 
 
 def load_hcx(folder: Path, dtype: torch.dtype):
-    """The model card's interface: AutoModelForCausalLM + AutoProcessor with remote code."""
+    """The model's remote code: AutoModelForCausalLM + AutoProcessor (trust_remote_code)."""
     from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, low_cpu_mem_usage=True,
                                                  **dtype_kwarg(dtype))
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = getattr(processor, "tokenizer", None) or AutoTokenizer.from_pretrained(folder)
     return model, processor, tokenizer
 
 
@@ -414,6 +592,39 @@ def load_generic(folder: Path, dtype: torch.dtype):
     model = AutoModelForImageTextToText.from_pretrained(folder, low_cpu_mem_usage=True, **dtype_kwarg(dtype))
     processor = AutoProcessor.from_pretrained(folder, use_fast=False)  # fast ones need torchvision
     return model, processor, processor.tokenizer
+
+
+def load_text(folder: Path, dtype: torch.dtype):
+    """A causal LM without a vision part (e.g. the text-only HyperCLOVA X SEED models): text requests only."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, low_cpu_mem_usage=True,
+                                                 **dtype_kwarg(dtype))
+    return model, None, AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+
+
+LOADERS = {"hcx": load_hcx, "generic": load_generic, "text": load_text}
+
+
+def check_interface(info: ModelFolder, processor) -> None:
+    """The processor must offer what its revision's input building calls (section 3)."""
+    if info.interface == "hcx-v1" and not hasattr(processor, "load_images_videos"):
+        raise ModelLoadError(f"{info.path}: the HCX processor ({type(processor).__name__}) has neither the first "
+                             "revision's load_images_videos() nor the later processor_config.json (HCXProcessor)")
+    if info.interface == "hcx-v2" and not callable(processor):
+        raise ModelLoadError(f"{info.path}: the HCX processor ({type(processor).__name__}) is not callable as "
+                             "processor(text=..., images=...)")
+
+
+def image_token_id(model, tokenizer) -> int | None:
+    """The image placeholder id: config.image_token_id (v2, LLaVA), img_start_id (v1), else <|dummy3|>."""
+    config = model.config
+    for key in ("image_token_id", "image_token_index", "img_start_id"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    token_id = tokenizer.convert_tokens_to_ids("<|dummy3|>")
+    return token_id if isinstance(token_id, int) and token_id != tokenizer.unk_token_id else None
 
 
 def vision_modules(model) -> list[torch.nn.Module]:
@@ -487,25 +698,26 @@ def context_length(model, tokenizer) -> int:
 
 
 def load_model(cfg: Config) -> LoadedModel:
-    """Locate (or download), load with the target dtype directly, move to the device."""
+    """Locate (or download), check the folder, load with the target dtype directly, move to the device."""
     started = time.perf_counter()
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     device = resolve_device(cfg)
     dtype = resolve_dtype(cfg.dtype, device)
-    folder = locate_model(cfg)
-    kind = model_kind(folder)
-    log.info("loading %s model from %s on %s as %s", kind, folder, device, str(dtype).replace("torch.", ""))
+    info = inspect_model_folder(locate_model(cfg))
+    log.info("loading %s (%s interface, revision %s) from %s on %s as %s", info.kind, info.interface,
+             info.revision or "unknown", info.path, device, str(dtype).replace("torch.", ""))
     try:
-        model, processor, tokenizer = (load_hcx if kind == "hcx" else load_generic)(folder, dtype)
+        model, processor, tokenizer = LOADERS[info.kind](info.path, dtype)
     except ImportError as exc:
         raise ModelLoadError(f"the model's code needs a package that is not installed: {exc} "
                              "(pip install 'hcx-server[hcx]' installs timm and einops)") from None
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load the model in {folder}: {exc}") from None
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot load the model in {info.path}: {type(exc).__name__}: {exc}") from None
+    check_interface(info, processor)
     model.to(device).eval()
     vision_dtype = dtype
-    if cfg.vision_dtype == "float32" and dtype != torch.float32:
+    if cfg.vision_dtype == "float32" and dtype != torch.float32 and info.kind != "text":
         keep_vision_in_float32(model, dtype)
         vision_dtype = torch.float32
     stops = stop_token_ids(tokenizer, model)
@@ -514,14 +726,20 @@ def load_model(cfg: Config) -> LoadedModel:
         log.warning("MAX_MODEL_LEN=%d is beyond the model's %d-token window: long requests may fail",
                     cfg.max_model_len, window)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
-    loaded = LoadedModel(kind=kind, model=model, processor=processor, tokenizer=tokenizer,
-                         name=cfg.served_model_name, path=str(folder), device=device, dtype=dtype,
-                         vision_dtype=vision_dtype, stop_token_ids=stops, pad_token_id=pad,
-                         context_length=cfg.max_model_len or window, demo=cfg.demo)
+    notes = ["DEMO MODE: tiny random-weight model, answers are gibberish"] if cfg.demo else []
+    if info.kind == "text":
+        notes.append("text-only model (no vision part): requests with images get a 400")
+    loaded = LoadedModel(kind=info.kind, interface=info.interface, model=model, processor=processor,
+                         tokenizer=tokenizer, name=cfg.served_model_name, path=str(info.path), device=device,
+                         dtype=dtype, vision_dtype=vision_dtype, stop_token_ids=stops, pad_token_id=pad,
+                         context_length=cfg.max_model_len or window, revision=info.revision,
+                         image_token_id=image_token_id(model, tokenizer) if info.kind != "text" else None,
+                         demo=cfg.demo, note="; ".join(notes))
     loaded.generation_backend = prepare_generation_backend(cfg, loaded)
     loaded.load_seconds = time.perf_counter() - started
-    log.info("model ready in %.1f s (context %d tokens, stop ids %s, %s generation)", loaded.load_seconds,
-             loaded.context_length, list(stops), loaded.generation_backend)
+    log.info("model ready in %.1f s: %s interface, revision %s, context %d tokens, stop ids %s, %s generation",
+             loaded.load_seconds, loaded.interface, loaded.revision or "unknown", loaded.context_length, list(stops),
+             loaded.generation_backend)
     return loaded
 
 
@@ -1002,14 +1220,22 @@ def stream_options(body: Mapping, streaming: bool) -> bool:
 
 @dataclass
 class ModelInputs:
+    """One request as the model's front takes it: `tensors` (input_ids plus, with images, what the
+    processor made of them), `prompt_tokens` as the decoder will see them, `has_images`."""
+
     tensors: dict[str, Any]
     prompt_tokens: int
+    has_images: bool = False
 
 
 def to_model(tensors: dict[str, Any], m: LoadedModel) -> dict[str, Any]:
     """On the model's device; floating tensors (pixel values, also inside HCX's nested lists) in
-    the vision dtype."""
+    the vision dtype; ids, sizes and masks keep their integer dtype."""
     return cast_floats(dict(tensors), m.vision_dtype, m.device)
+
+
+def text_only_inputs(m: LoadedModel, ids: torch.Tensor) -> ModelInputs:
+    return ModelInputs(to_model({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, m), int(ids.shape[1]))
 
 
 def build_generic_inputs(m: LoadedModel, req: GenerationRequest) -> ModelInputs:
@@ -1023,19 +1249,26 @@ def build_generic_inputs(m: LoadedModel, req: GenerationRequest) -> ModelInputs:
     batch = m.processor(text=text, return_tensors="pt", **kwargs)
     batch.pop("token_type_ids", None)
     tensors = to_model(dict(batch), m)
-    return ModelInputs(tensors, int(tensors["input_ids"].shape[1]))
+    return ModelInputs(tensors, int(tensors["input_ids"].shape[1]), bool(images))
 
 
-def build_hcx_inputs(m: LoadedModel, req: GenerationRequest) -> ModelInputs:
-    """The model card's flow: one content dict per message (text, then its images, as bytes --
-    never a client string, which the remote preprocessor would open as a path or URL)."""
+def build_text_inputs(m: LoadedModel, req: GenerationRequest) -> ModelInputs:
+    """A causal LM without vision: the tokenizer's chat template; images are the client's mistake."""
+    if req.image_count:
+        raise InputError(f"this model ({m.name}) is text-only and takes no images", code="images_not_supported",
+                         param="messages")
+    chat = [{"role": msg.role, "content": msg.text} for msg in req.messages]
+    ids = m.tokenizer.apply_chat_template(chat, return_tensors="pt", tokenize=True, add_generation_prompt=True)
+    return text_only_inputs(m, ids)
+
+
+def build_hcx_v1_inputs(m: LoadedModel, req: GenerationRequest) -> ModelInputs:
+    """The first revision's flow (model card): one content dict per message (text, then its images
+    as bytes -- never a client string, which the remote preprocessor would open as a path or URL)."""
     if not req.image_count:
         chat = [{"role": msg.role, "content": msg.text} for msg in req.messages]
-        ids = m.tokenizer.apply_chat_template(chat, return_tensors="pt", tokenize=True, add_generation_prompt=True)
-        return ModelInputs(to_model({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, m), int(ids.shape[1]))
-    if not hasattr(m.processor, "load_images_videos"):
-        raise GenerationError("this HCX revision's processor has no load_images_videos(); set MODEL_REVISION "
-                              f"to the revision this server follows ({HCX_REVISION})")
+        return text_only_inputs(m, m.tokenizer.apply_chat_template(chat, return_tensors="pt", tokenize=True,
+                                                                   add_generation_prompt=True))
     chat, count = [], 0
     for msg in req.messages:
         chat.append({"role": msg.role, "content": {"type": "text", "text": msg.text}})
@@ -1047,9 +1280,63 @@ def build_hcx_inputs(m: LoadedModel, req: GenerationRequest) -> ModelInputs:
     pre = dict(m.processor(images, is_video_list=is_video_list))
     ids = m.tokenizer.apply_chat_template(new_chat, return_tensors="pt", tokenize=True, add_generation_prompt=True)
     # one <|dummy3|> per image in the ids; the model expands each into vision_query_lengths embeddings
-    vision_tokens = sum(sum(lengths) for lengths in pre.get("vision_query_lengths", []))
-    prompt_tokens = int(ids.shape[1]) - count + int(vision_tokens)
-    return ModelInputs(to_model({"input_ids": ids, **pre}, m), prompt_tokens)
+    vision_tokens = sum(int(n) for n in flat_ints(pre.get("vision_query_lengths", [])))
+    prompt_tokens = int(ids.shape[1]) - count + vision_tokens
+    return ModelInputs(to_model({"input_ids": ids, **pre}, m), prompt_tokens, True)
+
+
+def build_hcx_v2_inputs(m: LoadedModel, req: GenerationRequest) -> ModelInputs:
+    """The later revision (HCXProcessor): OpenAI-style content lists, the chat template (the
+    processor's, else the tokenizer's), processor(text=..., images=[[img, ...]]); the image
+    placeholders are then made one per vision token, whichever way the processor left them."""
+    chat = [{"role": msg.role, "content": [{"type": "image"} for _ in msg.images] +
+             [{"type": "text", "text": msg.text}]} for msg in req.messages]
+    images = [img for msg in req.messages for img in msg.images]
+    text = render_chat(m, chat)
+    if not images:
+        return text_only_inputs(m, m.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"])
+    out = dict(m.processor(text=[text], images=[images], return_tensors="pt"))
+    lengths = [int(n) for n in flat_ints(out.get("vision_query_lengths_images", []))]
+    if len(lengths) != len(images):
+        raise GenerationError(f"the HCX processor returned vision_query_lengths_images for {len(lengths)} images, "
+                              f"{len(images)} were sent")
+    ids = out["input_ids"] if isinstance(out["input_ids"], torch.Tensor) else torch.tensor(out["input_ids"])
+    ids = expand_image_placeholders(ids.reshape(1, -1), m.image_token_id, lengths)
+    out.update(input_ids=ids, attention_mask=torch.ones_like(ids))
+    return ModelInputs(to_model(out, m), int(ids.shape[1]), True)
+
+
+def render_chat(m: LoadedModel, chat: list[dict]) -> str:
+    """The prompt text from the processor's chat template, else the tokenizer's."""
+    owner = m.processor if getattr(m.processor, "chat_template", None) else m.tokenizer
+    return owner.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+
+
+def flat_ints(value) -> list:
+    """[[81, 162]] / [tensor([81, 162])] / tensor([[81]]) -> [81, 162]: the processors' nestings."""
+    if isinstance(value, torch.Tensor):
+        return value.reshape(-1).tolist()
+    if isinstance(value, (list, tuple)):
+        return [x for item in value for x in flat_ints(item)]
+    return [value]
+
+
+def expand_image_placeholders(ids: torch.Tensor, token_id: int | None, lengths: list[int]) -> torch.Tensor:
+    """Ids with one placeholder per vision token: as they are when the processor expanded them,
+    else each single placeholder repeated lengths[i] times; any other count is a clear error."""
+    where = (ids[0] == token_id).nonzero().flatten().tolist() if token_id is not None else []
+    if len(where) == sum(lengths):
+        return ids
+    if len(where) != len(lengths):
+        raise GenerationError(f"the prompt holds {len(where)} image placeholder tokens (id {token_id}) for "
+                              f"{len(lengths)} images of {sum(lengths)} vision tokens; the model's processor and "
+                              "chat template disagree with this server's reading of them")
+    pieces, start = [], 0
+    for at, n in zip(where, lengths):
+        pieces += [ids[0, start:at], ids.new_full((n,), token_id)]
+        start = at + 1
+    pieces.append(ids[0, start:])
+    return torch.cat(pieces).unsqueeze(0)
 
 
 def png_bytes(img: Image.Image) -> bytes:
@@ -1058,11 +1345,15 @@ def png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+INPUT_BUILDERS = {"hcx-v1": build_hcx_v1_inputs, "hcx-v2": build_hcx_v2_inputs, "generic": build_generic_inputs,
+                  "text": build_text_inputs}
+
+
 def build_inputs(m: LoadedModel, req: GenerationRequest) -> ModelInputs:
     """Tensors for one request; image/processor failures are the client's (400), with the reason."""
     try:
-        return (build_hcx_inputs if m.kind == "hcx" else build_generic_inputs)(m, req)
-    except InputError:
+        return INPUT_BUILDERS[m.interface](m, req)
+    except (InputError, GenerationError):
         raise
     except (ValueError, TypeError) as exc:
         raise InputError("the model's processor rejected the input", code="invalid_input",
@@ -1121,8 +1412,233 @@ class Job:
         self.cancelled.set()
 
 
+# -- the decode loop (gpt-fast's shape): front -> prefill -> decode_one_token -> sample ---------
+# Our code owns decoding for every model: the model's multimodal front only builds the prompt
+# embeddings; the causal LM inside it (HCX's language_model, or a generic model itself) then
+# runs prefill and one decode step per token on a KV cache we own, and sampling, stop ids,
+# min_tokens, max_tokens and cancel are all checked here, every step. `hf` (model.generate)
+# stays as a reference and as the fallback for a model this loop cannot drive.
+
+# Generic models whose decoder needs more than plain causal attention over 1-d positions
+# (3-d rotary positions, bidirectional image spans, cross-attention, prefix-LM): model.generate.
+LOOP_UNSUPPORTED_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "gemma3",
+                          "gemma3n", "paligemma", "mllama", "idefics", "idefics2", "llama4", "kosmos-2", "florence2")
+
+
+class LoopUnsupported(RuntimeError):
+    """This model's front or decoder cannot be driven by our loop (model.generate takes over)."""
+
+
+class _FrontDone(Exception):
+    """Raised by the pre-hook once the decoder is handed its prompt embeddings: stops the forward."""
+
+
+def find_decoder(m: LoadedModel) -> tuple[Any, Any]:
+    """(the causal LM we decode on, the decoder body the multimodal front hands its embeddings to)."""
+    decoder = getattr(m.model, "language_model", None) if m.kind == "hcx" else m.model
+    if decoder is None:
+        raise LoopUnsupported("the HCX model has no language_model")
+    body = decoder.get_decoder() if hasattr(decoder, "get_decoder") else getattr(decoder, "model", None)
+    return decoder, body
+
+
+def loop_unsupported(m: LoadedModel) -> str | None:
+    """Why our loop cannot drive this model, or None when it can."""
+    try:
+        decoder, body = find_decoder(m)
+    except LoopUnsupported as exc:
+        return str(exc)
+    model_type = getattr(m.model.config, "model_type", "")
+    if m.kind == "generic" and model_type in LOOP_UNSUPPORTED_TYPES:
+        return f"model_type {model_type!r} needs positions or attention masks beyond a plain causal decoder"
+    params = inspect.signature(decoder.forward).parameters
+    missing = [name for name in ("past_key_values", "cache_position", "inputs_embeds") if name not in params]
+    if missing:
+        return f"its decoder's forward() takes no {', '.join(missing)}"
+    if m.kind != "text" and not isinstance(body, torch.nn.Module):
+        return "no decoder body to take the prompt embeddings from"
+    m.decoder, m.body = decoder, body
+    return None
+
+
+def front_embeds(m: LoadedModel, tensors: dict[str, Any]) -> torch.Tensor:
+    """Prompt embeddings from the model's own multimodal front (HCX v1 and v2, LLaVA and friends):
+    run its forward with a pre-hook on the decoder body that takes the inputs_embeds it is handed
+    and stops before any decoder work -- whatever the revision's code does to merge image features."""
+    captured: dict[str, Any] = {}
+
+    def grab(_module, args, kwargs):
+        captured["embeds"] = kwargs.get("inputs_embeds")
+        raise _FrontDone
+
+    handle = m.body.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        m.model(**tensors, use_cache=False)
+    except _FrontDone:
+        pass
+    finally:
+        handle.remove()
+    embeds = captured.get("embeds")
+    if not isinstance(embeds, torch.Tensor):
+        raise LoopUnsupported("the model's forward did not hand its decoder any prompt embeddings")
+    return embeds
+
+
+def forward_decoder(m: LoadedModel, cache, start: int, **inputs) -> torch.Tensor:
+    """One decoder call over new positions [start, start + n): the logits of the last one."""
+    n = next(iter(inputs.values())).shape[1]
+    positions = torch.arange(start, start + n, device=m.device)
+    out = m.decoder(**inputs, past_key_values=cache, cache_position=positions, use_cache=True,
+                    **({"logits_to_keep": 1} if m.keep_last_logits else {}))
+    return out.logits[:, -1]
+
+
+def prefill(m: LoadedModel, inputs: ModelInputs, cache) -> tuple[torch.Tensor, int]:
+    """The prompt (its embeddings when it holds images, else its ids) into the cache: first logits
+    and the prompt's length as the decoder saw it."""
+    if inputs.has_images:
+        embeds = front_embeds(m, inputs.tensors)
+        return forward_decoder(m, cache, 0, inputs_embeds=embeds), int(embeds.shape[1])
+    ids = inputs.tensors["input_ids"]
+    return forward_decoder(m, cache, 0, input_ids=ids), int(ids.shape[1])
+
+
+def decode_one_token(m: LoadedModel, cache, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """One step: the last token (a (1, 1) id tensor) at `position` (a (1,) tensor) -> next logits.
+    Tensors in, tensor out, no Python branching on values: the shape CUDA graphs can capture."""
+    out = m.decoder(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True,
+                    **({"logits_to_keep": 1} if m.keep_last_logits else {}))
+    return out.logits[:, -1]
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """Greedy at temperature 0; else softmax(logits / T) cut to the smallest top-p nucleus, drawn
+    with the request's own generator (so no other request moves it)."""
+    if temperature <= 0:
+        return int(torch.argmax(logits, dim=-1).reshape(-1)[0])
+    probs = torch.softmax(logits.reshape(-1).float() / temperature, dim=-1)
+    if top_p < 1.0:
+        probs, order = probs.sort(descending=True)
+        probs = probs * ((probs.cumsum(-1) - probs) < top_p)  # the most likely token is always kept
+        return int(order[torch.multinomial(probs, 1, generator=generator)])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def request_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    """A generator of the request's own: its seed makes the answer reproducible; without one, fresh
+    entropy (an earlier seeded request never makes this one predictable)."""
+    import secrets
+
+    gen = torch.Generator(device=device)
+    gen.manual_seed((seed if seed is not None else secrets.randbits(63)) % (2**64))
+    return gen
+
+
+def generate_tokens(m: LoadedModel, inputs: ModelInputs, req: GenerationRequest, max_new_tokens: int,
+                    cancelled: threading.Event | None = None) -> Iterator[int]:
+    """Token ids as they are sampled, ending after a stop id, max_new_tokens or cancel (checked
+    before every step); stop ids are masked until min_tokens are out."""
+    gen = request_generator(req.seed, m.device)
+    stops = set(m.stop_token_ids)
+    blocked = torch.tensor(sorted(stops), dtype=torch.long, device=m.device) if stops else None
+    with torch.inference_mode():
+        cache, step = new_cache(m, inputs.prompt_tokens + max_new_tokens)
+        logits, length = prefill(m, inputs, cache)
+        if length != inputs.prompt_tokens:
+            log.warning("the prompt took %d decoder positions, %d were counted for the context check", length,
+                        inputs.prompt_tokens)
+        token = torch.empty((1, 1), dtype=torch.long, device=m.device)
+        position = torch.empty((1,), dtype=torch.long, device=m.device)
+        for n in range(max_new_tokens):
+            if cancelled is not None and cancelled.is_set():
+                return
+            if n < req.min_new_tokens and blocked is not None:
+                logits = logits.index_fill(-1, blocked, float("-inf"))
+            next_id = sample(logits, req.temperature, req.top_p, gen)
+            yield next_id
+            if next_id in stops or n + 1 == max_new_tokens:
+                return
+            token.fill_(next_id)
+            position.fill_(length + n)
+            logits = step(m, cache, token, position)
+
+
+def run_generation(m: LoadedModel, job: Job) -> int:
+    """One job on the model: its tokens go to job.events as they come; returns how many."""
+    if m.generation_backend == "hf":
+        return run_hf(m, job)
+    count = 0
+    try:
+        for token_id in generate_tokens(m, job.inputs, job.request, job.max_new_tokens, job.cancelled):
+            job.events.put(("token", token_id))
+            count += 1
+    except LoopUnsupported as exc:
+        if count:
+            raise GenerationError(f"generation failed: {exc}") from None
+        log.warning("our decode loop cannot drive this model (%s): switching to GENERATION_BACKEND=hf "
+                    "(model.generate)", exc)
+        m.generation_backend = "hf"
+        return run_hf(m, job)
+    return count
+
+
+# -- KV caches: dynamic per request, or the static one made at load (and its compiled step) ---
+# "static": a StaticCache of STATIC_CACHE_TOKENS allocated once at load and reset per request;
+# on CUDA its fixed shapes let decode_one_token be compiled with CUDA graphs (torch.compile
+# mode="reduce-overhead", the gpt-fast recipe), warmed up at load so no request waits for it.
+# Requests longer than the cache run the same loop uncompiled on a DynamicCache (logged). On a
+# CPU the static cache runs uncompiled (torch.compile measured no faster there; it costs 60-90 s).
+STATIC_CACHE_TOKENS = 2048
+
+
+@dataclass
+class StaticDecode:
+    cache: Any
+    tokens: int
+    step: Callable[..., torch.Tensor]
+    compiled: bool
+
+
+def new_cache(m: LoadedModel, total_tokens: int) -> tuple[Any, Callable[..., torch.Tensor]]:
+    """The static cache (reset) and its step when the request fits, else a fresh DynamicCache."""
+    from transformers import DynamicCache
+
+    static = m.static
+    if static is not None:
+        if total_tokens <= static.tokens:
+            static.cache.reset()
+            return static.cache, static.step
+        log.info("request of up to %d tokens exceeds the %d-token static cache: decoding uncompiled on a dynamic "
+                 "cache", total_tokens, static.tokens)
+    return DynamicCache(), decode_one_token
+
+
+def static_cache_tokens(m: LoadedModel) -> int:
+    return min(STATIC_CACHE_TOKENS, m.context_length)
+
+
+def prepare_static(m: LoadedModel) -> StaticDecode:
+    """Allocate the static cache once; on CUDA compile decode_one_token with CUDA graphs and warm
+    both up with a short greedy run (compiles and records the graph: ~40 s once)."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=m.decoder.config, max_cache_len=static_cache_tokens(m))
+    step, compiled = decode_one_token, False
+    if m.device.type == "cuda":
+        step, compiled = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True), True
+    m.static = StaticDecode(cache, static_cache_tokens(m), step, compiled)
+    warm = GenerationRequest(messages=[], max_new_tokens=4, temperature=0.0)
+    ids = torch.tensor([[m.pad_token_id]], device=m.device)
+    for _ in range(3 if compiled else 1):  # cudagraph trees record on the second/third call
+        list(generate_tokens(m, ModelInputs({"input_ids": ids}, 1), warm, 4))
+    return m.static
+
+
+# -- hf: model.generate, the reference and the fallback -----------------------------------
+
+
 def sampling_kwargs(req: GenerationRequest, max_new_tokens: int) -> dict[str, Any]:
-    """The model card's defaults (temperature 0.5, top_p 0.6); temperature 0 means greedy."""
+    """The same sampling for model.generate (temperature 0 means greedy)."""
     kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "min_new_tokens": min(req.min_new_tokens, max_new_tokens),
                               "repetition_penalty": 1.0}
     if req.temperature > 0:
@@ -1132,9 +1648,9 @@ def sampling_kwargs(req: GenerationRequest, max_new_tokens: int) -> dict[str, An
     return kwargs
 
 
-def run_generation(m: LoadedModel, job: Job) -> int:
-    """model.generate with a streamer that forwards ids and a criterion that honours cancel;
-    returns how many tokens it generated."""
+def run_hf(m: LoadedModel, job: Job) -> int:
+    """model.generate with a streamer that forwards ids and a criterion that honours cancel; for a
+    model our loop cannot drive (whether remote code passes these on is its own business)."""
     from transformers import StoppingCriteria, StoppingCriteriaList
     from transformers.generation.streamers import BaseStreamer
 
@@ -1166,8 +1682,7 @@ def run_generation(m: LoadedModel, job: Job) -> int:
     with torch.inference_mode():
         out = m.model.generate(**job.inputs.tensors, **sampling_kwargs(job.request, job.max_new_tokens),
                                eos_token_id=list(m.stop_token_ids), pad_token_id=m.pad_token_id,
-                               streamer=streamer, stopping_criteria=StoppingCriteriaList([StopWhenCancelled()]),
-                               **static_cache_kwargs(m, job.inputs.prompt_tokens + job.max_new_tokens))
+                               streamer=streamer, stopping_criteria=StoppingCriteriaList([StopWhenCancelled()]))
     if streamer.forwarded:
         return streamer.forwarded
     answer = new_token_ids(out, job.inputs.tensors["input_ids"][0])  # remote code that drops the streamer
@@ -1375,66 +1890,35 @@ def use_gemv_linears(model, enable: bool = True) -> int:
     return count
 
 
-# "static" (CUDA): transformers' static KV cache, whose fixed shapes let generate() compile the
-# decode step with torch.compile + CUDA graphs (the gpt-fast recipe): 2.6-3.4x eager decode on an
-# H100, where eager decode is bound by Python and kernel launches, not by memory. The cache is
-# made once at its full size (STATIC_CACHE_TOKENS) and compiled at load, so requests of any
-# length up to it reuse one graph; longer ones run eager. On this CPU it measured no faster.
-STATIC_CACHE_TOKENS = 2048
-
-
-def static_unsupported(m: LoadedModel) -> str | None:
-    if m.device.type != "cuda":
-        return (f"the static-cache backend (torch.compile + CUDA graphs) is for CUDA GPUs, the model is on "
-                f"{m.device.type} (where it measured no faster than eager)")
-    if m.kind == "hcx":
-        return "the HCX remote code's own generate() has not been checked under torch.compile"
-    return None
-
-
-def static_cache_tokens(m: LoadedModel) -> int:
-    return min(STATIC_CACHE_TOKENS, m.context_length)
-
-
-def static_cache_kwargs(m: LoadedModel, total_tokens: int) -> dict[str, Any]:
-    """The compiled static-cache path for requests that fit the cache made at load; eager otherwise."""
-    if m.generation_backend == "static" and total_tokens <= static_cache_tokens(m):
-        return {"cache_implementation": "static"}
-    return {}
-
-
-def warm_up_static(m: LoadedModel) -> None:
-    """One short greedy generation that sizes the cache to STATIC_CACHE_TOKENS (max_length) and
-    compiles + records the decode step (~40 s once), so no request waits for it."""
-    ids = torch.tensor([[m.pad_token_id]], device=m.device)
-    with torch.inference_mode():
-        m.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_length=static_cache_tokens(m),
-                         min_new_tokens=4, max_new_tokens=None, do_sample=False, temperature=None, top_p=None,
-                         top_k=None, pad_token_id=m.pad_token_id, cache_implementation="static",
-                         stopping_criteria=[lambda input_ids, scores, **kw: input_ids.shape[1] >= 5])
-
-
 def prepare_generation_backend(cfg: Config, m: LoadedModel) -> str:
-    """Once at load: the backend that applies ("static" on CUDA, "gemv" on AVX512-BF16 CPUs), else
-    "eager"; never fails, and logs why it falls back."""
+    """Once at load: `hf` when asked or when our loop cannot drive the model; else `static` on CUDA
+    (static cache + CUDA graphs), `gemv` on AVX512-BF16 CPUs running bf16, else `eager` (the same
+    loop, nothing compiled). Never fails; every fallback is logged with its reason."""
     want = cfg.generation_backend
     report = log.info if want == "auto" else log.warning
+    if want == "hf":
+        return "hf"
+    reason = loop_unsupported(m)
+    if reason is not None:
+        log.warning("our decode loop cannot drive this model (%s): using model.generate (GENERATION_BACKEND=hf)",
+                    reason)
+        return "hf"
+    m.keep_last_logits = "logits_to_keep" in inspect.signature(m.decoder.forward).parameters
     if want == "eager":
         return "eager"
     if want == "static" or (want == "auto" and m.device.type == "cuda"):
-        reason = static_unsupported(m)
-        if reason is None:
-            started = time.perf_counter()
-            try:
-                warm_up_static(m)
-            except Exception as exc:  # noqa: BLE001 - any compile failure means: run eager
-                reason = f"compiling the decode step failed ({type(exc).__name__}: {exc})"
-            else:
-                log.info("GENERATION_BACKEND=%s: static KV cache of %d tokens, decode step compiled in %.0f s",
-                         want, static_cache_tokens(m), time.perf_counter() - started)
-                return "static"
-        report("GENERATION_BACKEND=%s: %s; using eager generation", want, reason)
-        return "eager"
+        started = time.perf_counter()
+        try:
+            static = prepare_static(m)
+        except Exception as exc:  # noqa: BLE001 - any compile failure means: run eager
+            m.static = None
+            report("GENERATION_BACKEND=%s: the static cache / compiled decode step failed (%s: %s); using eager",
+                   want, type(exc).__name__, exc)
+            return "eager"
+        log.info("GENERATION_BACKEND=%s: static KV cache of %d tokens%s, ready in %.0f s", want, static.tokens,
+                 ", decode step compiled with CUDA graphs" if static.compiled else " (uncompiled on CPU)",
+                 time.perf_counter() - started)
+        return "static"
     reason = gemv_unsupported(m)
     if reason is None:
         try:
@@ -1634,19 +2118,22 @@ class TextStream:
     def _events(self) -> Iterator[tuple[str, Any]]:
         """Engine events; the client check runs on a clock, also while tokens keep arriving."""
         next_poll = time.monotonic() + self.POLL_S
+        events = self.job.events
         while True:
+            batch: list = []
             try:
-                event = self.job.events.get(timeout=self.POLL_S)
+                batch.append(events.get(timeout=self.POLL_S))
+                while True:  # whatever else is there: one wake-up per batch, not per token
+                    batch.append(events.get_nowait())
             except queue.Empty:
-                event = None
+                pass
             now = time.monotonic()
             if now >= next_poll:
                 next_poll = now + self.POLL_S
                 if not self.job.cancelled.is_set() and self.client_gone():
                     log.info("client disconnected: cancelling generation")
                     self.job.cancel()
-            if event is not None:
-                yield event
+            yield from batch
 
     def __iter__(self) -> Iterator[str]:
         job, m = self.job, self.m
@@ -2265,9 +2752,9 @@ def register_routes(app: Flask, engine: Engine) -> None:
             return jsonify(status="error", error=engine.error), 503
         m = engine.model
         return jsonify(status="ok", model=m.name, device=str(m.device), dtype=str(m.dtype).replace("torch.", ""),
-                       kind=m.kind, backend=m.generation_backend, demo=m.demo, context_length=m.context_length,
-                       queue_depth=engine.queue_depth, max_queue=cfg.max_queue,
-                       **({"note": "DEMO MODE: tiny random-weight model, answers are gibberish"} if m.demo else {}))
+                       kind=m.kind, interface=m.interface, revision=m.revision, backend=m.generation_backend,
+                       demo=m.demo, context_length=m.context_length, queue_depth=engine.queue_depth,
+                       max_queue=cfg.max_queue, **({"note": m.note} if m.note else {}))
 
 
 def model_card(cfg: Config) -> dict:
