@@ -1700,6 +1700,46 @@ def new_token_ids(out, prompt_ids: torch.Tensor) -> list[int]:
     return sequence.tolist()
 
 
+def compare_with_hf(m: LoadedModel, req: GenerationRequest) -> tuple[bool, str]:
+    """Greedy tokens of our loop vs model.generate on one request (selfcheck and bench): agreement
+    when identical, or when they first differ at a near-tie -- our pick and generate's within 2 %
+    of the logit scale at that step (bf16 rounding can flip such ties; a real bug does not)."""
+    if m.generation_backend == "hf":
+        return True, "skipped: this model runs on model.generate (GENERATION_BACKEND=hf)"
+    inputs = build_inputs(m, req)
+    n = fit_to_context(m, req, inputs.prompt_tokens)
+    ours = list(generate_tokens(m, inputs, req, n))
+    job = Job(req, inputs, n)
+    run_hf(m, job)
+    theirs = drain_tokens(job)
+    if ours == theirs:
+        return True, f"{len(ours)} greedy tokens identical"
+    step = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+    if step >= min(len(ours), len(theirs)):
+        return False, f"identical for {step} tokens, then one side stopped ({len(ours)} vs {len(theirs)} tokens)"
+    with torch.inference_mode():  # teacher-forced: our logits after the shared prefix
+        cache, _ = new_cache(m, inputs.prompt_tokens + step + 1)
+        logits, length = prefill(m, inputs, cache)
+        for i, token_id in enumerate(ours[:step]):
+            logits = decode_one_token(m, cache, torch.tensor([[token_id]], device=m.device),
+                                      torch.tensor([length + i], device=m.device))
+    logits = logits.reshape(-1).float()
+    margin, scale = float(logits[ours[step]] - logits[theirs[step]]), float(logits.abs().max())
+    near = abs(margin) <= 0.02 * scale
+    return near, (f"identical for {step} of {len(ours)} tokens, then {'a near-tie' if near else 'NOT a near-tie'} "
+                  f"(logit margin {margin:.4f} at scale {scale:.2f})")
+
+
+def drain_tokens(job: Job) -> list[int]:
+    """The token ids a finished job left in its events queue."""
+    ids = []
+    while not job.events.empty():
+        kind, value = job.events.get_nowait()
+        if kind == "token":
+            ids.append(value)
+    return ids
+
+
 # -- generation backends -----------------------------------------------------------------
 # "eager" runs model.generate as transformers ships it. "gemv" runs the very same generate()
 # call (streamer, cancel criterion, min_new_tokens, stop ids, the HCX remote code) and swaps

@@ -344,3 +344,27 @@ def build_tiny_hcx_v2(path: str | Path, seed: int = 0, expand_image_placeholders
     saved["auto_map"] = config["auto_map"]
     _write_json(path / "config.json", saved)
     return path
+
+
+def build_tiny_text_model(path: str | Path, seed: int = 0) -> Path:
+    """A tiny text-only causal LM (Llama) with the HCX tokenizer and chat template, like the
+    text-only HyperCLOVA X SEED models: no vision part, no processor config."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tiny_hcx_tokenizer()
+    tokenizer.save_pretrained(path)
+    eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITION_EMBEDDINGS,
+                         bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id, tie_word_embeddings=False)
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    finally:
+        torch.random.set_rng_state(state)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
