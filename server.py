@@ -9,7 +9,8 @@ One module, read top to bottom:
   4. Generation        -- one engine thread owns the model; generate() and stream() share one
                           code path (submit a job, follow its tokens, detokenize safely).
   5. HTTP routes       -- the seed REST contract, the OpenAI-compatible API, MCP (JSON-RPC,
-                          also served over stdio by the CLI), /health. Routes never touch torch.
+                          also served over stdio by the CLI), /health, the browser playground
+                          at / (its files live in static/). Routes never touch torch.
   6. App factory       -- create_app(config) and the gunicorn runner (1 gthread worker).
 """
 
@@ -2146,6 +2147,12 @@ def origin_allowed(origin: str, allowed: tuple[str, ...]) -> bool:
     return False
 
 
+def is_public_path(path: str) -> bool:
+    """Served without the API key: /health, and the playground's page and assets (not secret; the
+    page asks for the key when the API answers 401). The Origin check still applies."""
+    return path in ("/health", "/") or path.startswith("/static/")
+
+
 def register_security(app: Flask, engine: Engine) -> None:
     """403 for a foreign Origin (DNS-rebinding guard, as MCP requires), CORS for allowed ones, Bearer
     auth, and 503 for new work once SIGTERM asked the worker to drain."""
@@ -2161,7 +2168,7 @@ def register_security(app: Flask, engine: Engine) -> None:
                                   code="origin_not_allowed")
         if request.method == "OPTIONS":
             return Response(status=204)
-        if cfg.api_key and request.path != "/health":
+        if cfg.api_key and not is_public_path(request.path):
             header = request.headers.get("Authorization", "")
             scheme, _, key = header.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), cfg.api_key.encode()):
@@ -2182,6 +2189,43 @@ def register_security(app: Flask, engine: Engine) -> None:
             else:
                 response.headers["Access-Control-Expose-Headers"] = CORS_HEADERS["Access-Control-Expose-Headers"]
         return response
+
+
+# -- playground: the browser page at / (HTML, JS and CSS live in static/) ----------------------
+
+# The kinds of file in static/ (pyproject.toml's package-data installs the same).
+STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+                ".css": "text/css; charset=utf-8"}
+# Only the server's own scripts, styles and API; images the user attached (data:/blob:); no framing.
+PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+            "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+@functools.lru_cache(maxsize=1)
+def static_folder():
+    """static/ beside server.py (a checkout or an editable install), else the copy that
+    `pip install .` put in the package hcx_server_static (see pyproject.toml)."""
+    beside = Path(__file__).with_name("static")
+    if (beside / "index.html").is_file():
+        return beside
+    from importlib.resources import files
+
+    return files("hcx_server_static")
+
+
+def static_response(name: str) -> Response:
+    """One file straight from the static folder (a plain name of a known type: no paths, no
+    dot files), with the page's CSP; anything else is a 404."""
+    suffix = Path(name).suffix
+    entry = None
+    if suffix in STATIC_TYPES and not name.startswith(".") and "/" not in name and "\\" not in name:
+        entry = static_folder() / name
+    if entry is None or not entry.is_file():
+        raise InputError(f"no such file: /static/{name}", status=404, code="not_found")
+    response = Response(entry.read_bytes(), content_type=STATIC_TYPES[suffix])
+    response.headers.update({"Content-Security-Policy": PAGE_CSP, "X-Content-Type-Options": "nosniff",
+                             "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"})
+    return response
 
 
 # -- routes -----------------------------------------------------------------------------------
@@ -2255,6 +2299,14 @@ def register_routes(app: Flask, engine: Engine) -> None:
     def metrics_text():
         return Response(app.extensions["hcx_metrics"].render(engine), mimetype="text/plain; version=0.0.4")
 
+    @app.get("/")
+    def playground():
+        return static_response("index.html")
+
+    @app.get("/static/<name>")
+    def playground_asset(name: str):
+        return static_response(name)
+
     @app.get("/health")
     def health():
         if engine.draining:
@@ -2267,6 +2319,7 @@ def register_routes(app: Flask, engine: Engine) -> None:
         return jsonify(status="ok", model=m.name, device=str(m.device), dtype=str(m.dtype).replace("torch.", ""),
                        kind=m.kind, backend=m.generation_backend, demo=m.demo, context_length=m.context_length,
                        queue_depth=engine.queue_depth, max_queue=cfg.max_queue,
+                       max_image_bytes=cfg.max_image_bytes, max_images=cfg.max_images,
                        **({"note": "DEMO MODE: tiny random-weight model, answers are gibberish"} if m.demo else {}))
 
 
@@ -2413,7 +2466,7 @@ def create_app(cfg: Config | None = None, engine: Engine | None = None) -> Flask
     setup_logging()
     cfg = cfg or load_config()
     engine = engine or Engine(cfg).start()
-    app = Flask("hcx-server")
+    app = Flask("hcx-server", static_folder=None)  # static/ is served by the playground routes
     app.config["MAX_CONTENT_LENGTH"] = cfg.max_body_bytes
     app.json.ensure_ascii = False
     app.extensions["hcx_engine"] = engine
