@@ -9,7 +9,8 @@ One module, read top to bottom:
   4. Generation        -- one engine thread owns the model; generate() and stream() share one
                           code path (submit a job, follow its tokens, detokenize safely).
   5. HTTP routes       -- the seed REST contract, the OpenAI-compatible API, MCP (JSON-RPC,
-                          also served over stdio by the CLI), /health. Routes never touch torch.
+                          also served over stdio by the CLI), /health, the browser playground
+                          at / (its files live in static/). Routes never touch torch.
   6. App factory       -- create_app(config) and the gunicorn runner (1 gthread worker).
 """
 
@@ -206,6 +207,22 @@ def load_config(env: Mapping[str, str] | None = None, **overrides: Any) -> Confi
         demo_dir=_env_str(env, "DEMO_MODEL_DIR", str(Path.home() / ".cache" / "hcx-server" / DEMO_MODEL_NAME)),
     )
     return dataclasses.replace(cfg, **overrides) if overrides else cfg
+
+
+def project_folder(folder: str, marker: str) -> Path:
+    """One of this project's data folders (static/, kernels/): beside server.py in a checkout or an
+    editable install, else where `pip install .` put it, the data package hcx_server_<folder>
+    (pyproject.toml); found by the import system, so a namespace portion of it works too."""
+    import importlib.util
+
+    beside = Path(__file__).with_name(folder)
+    if (beside / marker).is_file():
+        return beside
+    spec = importlib.util.find_spec(f"hcx_server_{folder}")
+    for location in (spec.submodule_search_locations or []) if spec is not None else []:
+        if (Path(location) / marker).is_file():
+            return Path(location)
+    raise FileNotFoundError(f"this installation of hcx-server lacks its {folder}/ folder ({marker})")
 
 
 # ======================================================================================
@@ -2673,6 +2690,12 @@ def origin_allowed(origin: str, allowed: tuple[str, ...]) -> bool:
     return False
 
 
+def is_public_path(path: str) -> bool:
+    """Served without the API key: /health, and the playground's page and assets (not secret; the
+    page asks for the key when the API answers 401). The Origin check still applies."""
+    return path in ("/health", "/") or path.startswith("/static/")
+
+
 def register_security(app: Flask, engine: Engine) -> None:
     """403 for a foreign Origin (DNS-rebinding guard, as MCP requires), CORS for allowed ones, Bearer
     auth, and 503 for new work once SIGTERM asked the worker to drain."""
@@ -2688,7 +2711,7 @@ def register_security(app: Flask, engine: Engine) -> None:
                                   code="origin_not_allowed")
         if request.method == "OPTIONS":
             return Response(status=204)
-        if cfg.api_key and request.path != "/health":
+        if cfg.api_key and not is_public_path(request.path):
             header = request.headers.get("Authorization", "")
             scheme, _, key = header.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), cfg.api_key.encode()):
@@ -2709,6 +2732,36 @@ def register_security(app: Flask, engine: Engine) -> None:
             else:
                 response.headers["Access-Control-Expose-Headers"] = CORS_HEADERS["Access-Control-Expose-Headers"]
         return response
+
+
+# -- playground: the browser page at / (HTML, JS and CSS live in static/) ----------------------
+
+# The kinds of file in static/ (pyproject.toml's package-data installs the same).
+STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+                ".css": "text/css; charset=utf-8"}
+# Only the server's own scripts, styles and API; images the user attached (data:/blob:); no framing.
+PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+            "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+@functools.lru_cache(maxsize=1)
+def static_folder() -> Path:
+    return project_folder("static", "index.html")
+
+
+def static_response(name: str) -> Response:
+    """One file straight from the static folder (a plain name of a known type: no paths, no
+    dot files), with the page's CSP; anything else is a 404."""
+    suffix = Path(name).suffix
+    entry = None
+    if suffix in STATIC_TYPES and not name.startswith(".") and "/" not in name and "\\" not in name:
+        entry = static_folder() / name
+    if entry is None or not entry.is_file():
+        raise InputError(f"no such file: /static/{name}", status=404, code="not_found")
+    response = Response(entry.read_bytes(), content_type=STATIC_TYPES[suffix])
+    response.headers.update({"Content-Security-Policy": PAGE_CSP, "X-Content-Type-Options": "nosniff",
+                             "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"})
+    return response
 
 
 # -- routes -----------------------------------------------------------------------------------
@@ -2782,6 +2835,14 @@ def register_routes(app: Flask, engine: Engine) -> None:
     def metrics_text():
         return Response(app.extensions["hcx_metrics"].render(engine), mimetype="text/plain; version=0.0.4")
 
+    @app.get("/")
+    def playground():
+        return static_response("index.html")
+
+    @app.get("/static/<name>")
+    def playground_asset(name: str):
+        return static_response(name)
+
     @app.get("/health")
     def health():
         if engine.draining:
@@ -2794,7 +2855,8 @@ def register_routes(app: Flask, engine: Engine) -> None:
         return jsonify(status="ok", model=m.name, device=str(m.device), dtype=str(m.dtype).replace("torch.", ""),
                        kind=m.kind, interface=m.interface, revision=m.revision, backend=m.generation_backend,
                        demo=m.demo, context_length=m.context_length, queue_depth=engine.queue_depth,
-                       max_queue=cfg.max_queue, **({"note": m.note} if m.note else {}))
+                       max_queue=cfg.max_queue, max_image_bytes=cfg.max_image_bytes, max_images=cfg.max_images,
+                       **({"note": m.note} if m.note else {}))
 
 
 def model_card(cfg: Config) -> dict:
@@ -2940,7 +3002,7 @@ def create_app(cfg: Config | None = None, engine: Engine | None = None) -> Flask
     setup_logging()
     cfg = cfg or load_config()
     engine = engine or Engine(cfg).start()
-    app = Flask("hcx-server")
+    app = Flask("hcx-server", static_folder=None)  # static/ is served by the playground routes
     app.config["MAX_CONTENT_LENGTH"] = cfg.max_body_bytes
     app.json.ensure_ascii = False
     app.extensions["hcx_engine"] = engine
