@@ -181,8 +181,8 @@ def serve(cfg: server.Config, host, port, threads, demo):
 def mcp(cfg: server.Config):
     """Serve MCP over stdio (newline-delimited JSON-RPC); logs go to stderr.
 
-    The model loads in the background so `initialize` is answered at once; tool calls wait
-    for it. Tool calls run on their own thread so `notifications/cancelled` can stop them.
+    The model loads in the background so `initialize` (or 2026-07-28's `server/discover`) is
+    answered at once; tool calls wait for it. Tool calls run on their own thread so `notifications/cancelled` can stop them.
     """
     protocol_out = sys.stdout
     sys.stdout = sys.stderr  # anything a library prints must not corrupt the protocol stream

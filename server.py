@@ -4,13 +4,16 @@ One module, read top to bottom:
   1. Config            -- read once at start-up into one frozen object.
   2. Model loading     -- locate/download the weights, load the HCX remote-code path or the
                           generic transformers image-text-to-text path, the tiny demo model.
-  3. Input building    -- validate API requests into one GenerationRequest, decode images,
-                          turn a request into model tensors.
+  3. Input building    -- validate every API's request (seed, OpenAI chat and Responses, Ollama
+                          chat and generate, the MCP tool) into one GenerationRequest, decode
+                          images, turn a request into model tensors.
   4. Generation        -- one engine thread owns the model; generate() and stream() share one
                           code path (submit a job, follow its tokens, detokenize safely).
-  5. HTTP routes       -- the seed REST contract, the OpenAI-compatible API, MCP (JSON-RPC,
-                          also served over stdio by the CLI), /health, the browser playground
-                          at / (its files live in static/). Routes never touch torch.
+  5. HTTP routes       -- one subsection per API family: the seed REST contract, the OpenAI API
+                          (/v1: chat completions, Responses, models), the Ollama API (/api), MCP
+                          (JSON-RPC, both protocol eras, also over stdio by the CLI); CORS and
+                          auth, /health, metrics, the browser playground at / (its files live in
+                          static/). Routes never touch torch.
   6. App factory       -- create_app(config) and the gunicorn runner (1 gthread worker).
 """
 
@@ -20,6 +23,7 @@ import base64
 import binascii
 import dataclasses
 import functools
+import hashlib
 import inspect
 import io
 import json
@@ -66,7 +70,8 @@ VISION_DTYPE_CHOICES = ("auto", "float32")
 GENERATION_BACKEND_CHOICES = ("auto", "static", "gemv", "eager", "hf")
 
 
-# Browser pages served from these origins may call the API; ":*" means any port.
+# Browser pages served from these origins may call the API; ":*" means any port, "scheme://*" any
+# host of that scheme (VS Code webviews are vscode-webview://<random id>).
 DEFAULT_ALLOWED_ORIGINS = ("http://localhost:*", "http://127.0.0.1:*", "http://[::1]:*",
                            "https://localhost:*", "https://127.0.0.1:*", "https://[::1]:*")
 
@@ -154,8 +159,8 @@ def _env_origins(env: Mapping[str, str]) -> tuple[str, ...]:
     origins = tuple(o.strip().rstrip("/") for o in raw.split(",") if o.strip())
     for origin in origins:
         if origin != "*" and not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/\s]+", origin):
-            raise ConfigError(f"ALLOWED_ORIGINS entry {origin!r} is not valid: expected '*' or "
-                              "scheme://host[:port|:*], comma-separated")
+            raise ConfigError(f"ALLOWED_ORIGINS entry {origin!r} is not valid: expected '*', "
+                              "scheme://host[:port|:*] or scheme://*, comma-separated")
     return origins
 
 
@@ -994,9 +999,13 @@ def field_str(body: Mapping, key: str, required: bool = False) -> str | None:
     return value
 
 
-def sampling_fields(body: Mapping, cfg: Config) -> dict[str, Any]:
-    """max_tokens, min_tokens, temperature, top_p, seed: the same bounds in every API."""
-    max_tokens = field_int(body, "max_tokens", 1, cfg.max_tokens_cap, "max_completion_tokens", "max_new_tokens")
+MAX_TOKENS_NAMES = ("max_tokens", "max_completion_tokens", "max_new_tokens")
+
+
+def sampling_fields(body: Mapping, cfg: Config, max_names: tuple[str, ...] = MAX_TOKENS_NAMES) -> dict[str, Any]:
+    """max_tokens, min_tokens, temperature, top_p, seed: the same bounds in every API (each API
+    names its token limit its own way: `max_names`, the first one present wins)."""
+    max_tokens = field_int(body, max_names[0], 1, cfg.max_tokens_cap, *max_names[1:])
     min_tokens = field_int(body, "min_tokens", 0, cfg.max_tokens_cap) or 0
     temperature = field_float(body, "temperature", 0.0, 2.0)
     top_p = field_float(body, "top_p", 0.0, 1.0, lo_open=True)
@@ -1052,31 +1061,35 @@ def prompt_request(body: Mapping, cfg: Config, allow_image_path: bool = False) -
 OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
-def reject_unsupported(body: Mapping) -> None:
+# Fields that would change the answer's meaning if silently ignored: name -> "is this value unsupported?"
+CHAT_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "tools": lambda v: bool(v), "functions": lambda v: bool(v),
+    "tool_choice": lambda v: v not in (None, "none"), "function_call": lambda v: v not in (None, "none"),
+    "response_format": lambda v: not (isinstance(v, dict) and v.get("type") == "text"),
+    "logprobs": lambda v: v is not False, "top_logprobs": lambda v: bool(v), "logit_bias": lambda v: bool(v),
+    "frequency_penalty": lambda v: v != 0, "presence_penalty": lambda v: v != 0,
+    "audio": lambda v: True, "prediction": lambda v: True,
+    "modalities": lambda v: v != ["text"],
+}
+
+
+def reject_unsupported(body: Mapping, checks: Mapping[str, Callable[[Any], bool]] = CHAT_UNSUPPORTED,
+                       hints: Mapping[str, str] | None = None) -> None:
     """Fields that would change the answer's meaning if silently ignored are a 400 naming them."""
-    checks = {
-        "tools": lambda v: bool(v), "functions": lambda v: bool(v),
-        "tool_choice": lambda v: v not in (None, "none"), "function_call": lambda v: v not in (None, "none"),
-        "response_format": lambda v: not (isinstance(v, dict) and v.get("type") == "text"),
-        "logprobs": lambda v: v is not False, "top_logprobs": lambda v: bool(v), "logit_bias": lambda v: bool(v),
-        "frequency_penalty": lambda v: v != 0, "presence_penalty": lambda v: v != 0,
-        "audio": lambda v: True, "prediction": lambda v: True,
-        "modalities": lambda v: v != ["text"],
-    }
     for name, unsupported in checks.items():
         if body.get(name) is not None and unsupported(body[name]):
-            raise InputError(f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
-    n = field_int(body, "n", 1, 2**31 - 1)
-    if n not in (None, 1):
-        raise InputError("only n=1 is supported", param="n", code="unsupported_parameter")
+            hint = (hints or {}).get(name, "")
+            raise InputError(f"'{name}' is not supported by this server{hint}", param=name,
+                             code="unsupported_parameter")
 
 
-def openai_stop(value) -> tuple[str, ...]:
+def openai_stop(value, most: int = 4) -> tuple[str, ...]:
     if value is None:
         return ()
     stops = [value] if isinstance(value, str) else value
-    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops) or len(stops) > 4:
-        raise InputError("'stop' must be a string or a list of at most 4 strings", param="stop", code="invalid_type")
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops) or len(stops) > most:
+        raise InputError(f"'stop' must be a string or a list of at most {most} strings", param="stop",
+                         code="invalid_type")
     return tuple(s for s in stops if s)
 
 
@@ -1169,8 +1182,14 @@ def fetch_remote_image(url: str, cfg: Config, param: str = "image_url",
     return open_image(b"".join(chunks), cfg, param)
 
 
-def openai_message(index: int, message, cfg: Config) -> Message:
-    where = f"messages[{index}]"
+CHAT_PARTS = {"text": "text", "image_url": "image"}  # content part type -> what it carries
+
+
+def openai_message(index: int, message, cfg: Config, field: str = "messages",
+                   parts: Mapping[str, str] = CHAT_PARTS) -> Message:
+    """One chat-style message {role, content: str | [parts]} -> Message; the Responses API shares it
+    with its own part names (`parts`) and field name (`input`)."""
+    where = f"{field}[{index}]"
     if not isinstance(message, dict):
         raise InputError(f"{where} must be an object", param=where, code="invalid_type")
     role = message.get("role")
@@ -1185,27 +1204,32 @@ def openai_message(index: int, message, cfg: Config) -> Message:
     if not isinstance(content, list):
         raise InputError(f"{where}.content must be a string or a list of parts", param=f"{where}.content",
                          code="invalid_type")
+    text_part, image_part = (" or ".join(k for k, v in parts.items() if v == kind) for kind in ("text", "image"))
     texts, images = [], []
     for j, part in enumerate(content):
         at = f"{where}.content[{j}]"
-        kind = part.get("type") if isinstance(part, dict) else None
+        kind = parts.get(part.get("type")) if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
-        elif kind == "image_url" and role == "user":
+        elif kind == "image" and role == "user":
             image = part.get("image_url")
             url = image.get("url") if isinstance(image, dict) else image
             if not isinstance(url, str):
-                raise InputError(f"{at}.image_url.url must be a string", param=f"{at}.image_url", code="invalid_type")
+                hint = "; file_id needs a Files API this server does not have" if part.get("file_id") else ""
+                raise InputError(f"{at}.image_url must be a URL string{hint}", param=f"{at}.image_url",
+                                 code="invalid_type")
             images.append(image_from_url(url, cfg, f"{at}.image_url"))
         else:
-            raise InputError(f"{at} must be a text part (or an image_url part in a user message)", param=at,
-                             code="invalid_value")
+            raise InputError(f"{at} must be a text part ({text_part}) or, in a user message, an image part "
+                             f"({image_part})", param=at, code="invalid_value")
     return Message(OPENAI_ROLES[role], "\n".join(texts), images)
 
 
 def openai_request(body: Mapping, cfg: Config) -> GenerationRequest:
     """/v1/chat/completions body -> GenerationRequest (unsupported meaning-changing fields are 400s)."""
     reject_unsupported(body)
+    if field_int(body, "n", 1, 2**31 - 1) not in (None, 1):
+        raise InputError("only n=1 is supported", param="n", code="unsupported_parameter")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InputError("'messages' must be a non-empty list", param="messages", code="invalid_value")
@@ -1230,6 +1254,174 @@ def stream_options(body: Mapping, streaming: bool) -> bool:
         raise InputError("'stream_options' is only allowed with stream=true", param="stream_options",
                          code="invalid_value")
     return options.get("include_usage", False)
+
+
+# -- OpenAI Responses API (/v1/responses) -----------------------------------------------------
+
+RESPONSES_PARTS = {"input_text": "text", "output_text": "text", "input_image": "image"}
+NO_STORED_STATE = (": this server stores no responses (only the text of its recent answers, for item_reference), "
+                   "so send the whole conversation in 'input' (and store=false, or leave store out)")
+RESPONSES_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "tools": lambda v: bool(v), "tool_choice": lambda v: v not in ("none", "auto"),
+    "text": lambda v: not (isinstance(v, dict) and v.get("format") in (None, {"type": "text"})),
+    "reasoning": lambda v: not isinstance(v, dict) or any(x not in (None, "none") for x in v.values()),
+    "include": lambda v: bool(v), "top_logprobs": lambda v: bool(v), "background": lambda v: v is not False,
+    "truncation": lambda v: v != "disabled", "prompt": lambda v: True,
+    "store": lambda v: v is not False, "previous_response_id": lambda v: True, "conversation": lambda v: True,
+}
+RESPONSES_HINTS = {"store": NO_STORED_STATE, "previous_response_id": NO_STORED_STATE, "conversation": NO_STORED_STATE,
+                   "truncation": ": an input too long for the context is a 400 (truncation 'disabled')"}
+
+
+def responses_input(value, cfg: Config, recall: Callable[[Any], str | None]) -> list[Message]:
+    """`input`: a string (one user message) or a list of message items with input_text /
+    input_image parts (output_text for earlier assistant turns), or item_references to answers
+    this server gave recently (`recall` has their text)."""
+    if isinstance(value, str):
+        return [Message("user", value)]
+    if not isinstance(value, list) or not value:
+        raise InputError("'input' must be a string or a non-empty list of message items", param="input",
+                         code="invalid_value")
+    messages = []
+    for i, item in enumerate(value):
+        kind = item.get("type", "message") if isinstance(item, dict) else None
+        if kind == "item_reference":
+            text = recall(item.get("id"))
+            if text is None:
+                raise InputError(f"input[{i}] refers to item {item.get('id')!r}, which is not one of the answers this "
+                                 f"server keeps{NO_STORED_STATE}", param=f"input[{i}]", code="item_not_found")
+            messages.append(Message("assistant", text))
+        elif kind == "message":
+            messages.append(openai_message(i, item, cfg, field="input", parts=RESPONSES_PARTS))
+        else:
+            raise InputError(f"input[{i}] is a {kind!r} item; only message items (and item_reference) are supported",
+                             param=f"input[{i}]", code="unsupported_parameter" if isinstance(kind, str) else "invalid_type")
+    return messages
+
+
+def responses_request(body: Mapping, cfg: Config,
+                      recall: Callable[[Any], str | None] = lambda item_id: None) -> GenerationRequest:
+    """/v1/responses body -> GenerationRequest; `instructions` is a system message before the input."""
+    reject_unsupported(body, RESPONSES_UNSUPPORTED, RESPONSES_HINTS)
+    if "input" not in body:
+        raise InputError("'input' is required", param="input", code="missing_field")
+    messages = responses_input(body["input"], cfg, recall)
+    instructions = field_str(body, "instructions")
+    if instructions:
+        messages.insert(0, Message("system", instructions))
+    if not any(m.role == "user" for m in messages):
+        raise InputError("'input' needs at least one user message", param="input", code="invalid_value")
+    if field_str(body, "model") is None and "model" in body:
+        raise InputError("'model' must be a string", param="model", code="invalid_type")
+    return GenerationRequest(messages=with_system_prompt(messages, cfg), stop=openai_stop(body.get("stop")),
+                             **sampling_fields(body, cfg, max_names=("max_output_tokens",)))
+
+
+# -- Ollama API (/api/chat, /api/generate) ----------------------------------------------------
+
+OLLAMA_SAMPLING_OPTIONS = ("temperature", "top_p", "seed", "num_predict", "stop", "min_tokens")
+# Options that only tune Ollama's runtime (memory, threads, batching): no effect on the answer here.
+OLLAMA_RUNTIME_OPTIONS = frozenset({"num_ctx", "num_batch", "num_gpu", "main_gpu", "low_vram", "num_thread",
+                                    "numa", "use_mmap", "use_mlock", "num_keep", "vocab_only", "f16_kv",
+                                    "logits_all", "embedding_only"})
+OLLAMA_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "tools": lambda v: bool(v), "format": lambda v: bool(v), "think": lambda v: v is not False,
+    "suffix": lambda v: bool(v), "template": lambda v: bool(v), "context": lambda v: bool(v),
+    "raw": lambda v: v is not False,
+}
+OLLAMA_HINTS = {"raw": ": the model's chat template is always applied", "think": ": this model does not think",
+                "context": ": send the conversation as /api/chat messages",
+                "format": ": structured output is not available"}
+
+
+def ollama_sampling(body: Mapping, cfg: Config) -> dict[str, Any]:
+    """`options` -> sampling fields through the shared bounds; runtime-only options are accepted,
+    sampling options this server does not implement (top_k, penalties, ...) are a 400 naming them."""
+    reject_unsupported(body, OLLAMA_UNSUPPORTED, OLLAMA_HINTS)
+    keep_alive = body.get("keep_alive")
+    if keep_alive is not None and not (isinstance(keep_alive, str) or _is_number(keep_alive)):
+        raise InputError("'keep_alive' must be a duration string or a number of seconds", param="keep_alive",
+                         code="invalid_type")
+    options = body.get("options")
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise InputError("'options' must be an object", param="options", code="invalid_type")
+    for key, value in options.items():
+        if key not in OLLAMA_SAMPLING_OPTIONS and key not in OLLAMA_RUNTIME_OPTIONS and value is not None:
+            raise InputError(f"option '{key}' is not supported by this server (supported: "
+                             f"{', '.join(OLLAMA_SAMPLING_OPTIONS[:5])})", param=f"options.{key}",
+                             code="unsupported_parameter")
+    sampling = {k: v for k, v in options.items() if k in OLLAMA_SAMPLING_OPTIONS}
+    if sampling.get("num_predict") in (-1, -2):  # Ollama's "no limit" / "fill the context": our default
+        del sampling["num_predict"]
+    return {**sampling_fields(sampling, cfg, max_names=("num_predict",)), "stop": openai_stop(sampling.get("stop"), 16)}
+
+
+def ollama_model_field(body: Mapping) -> str:
+    model = field_str(body, "model", required=True)
+    if not model.strip():
+        raise InputError("'model' must not be empty", param="model", code="invalid_value")
+    return model
+
+
+def ollama_images(value, cfg: Config, where: str) -> list[Image.Image]:
+    """`images`: a list of base64 strings (Ollama sends no data: prefix; one is accepted)."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InputError(f"'{where}' must be a list of base64 strings", param=where, code="invalid_type")
+    return [decode_image(v, cfg, f"{where}[{j}]") for j, v in enumerate(value)]
+
+
+def ollama_message(index: int, message, cfg: Config) -> Message:
+    where = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise InputError(f"{where} must be an object", param=where, code="invalid_type")
+    role = message.get("role")
+    if role not in ("system", "user", "assistant"):
+        raise InputError(f"{where}.role must be one of system, user, assistant (got {role!r})",
+                         param=f"{where}.role", code="invalid_value")
+    if message.get("tool_calls"):
+        raise InputError(f"{where}.tool_calls: tools are not supported by this server", param=f"{where}.tool_calls",
+                         code="unsupported_parameter")
+    content = message.get("content")
+    if content is not None and not isinstance(content, str):
+        raise InputError(f"{where}.content must be a string", param=f"{where}.content", code="invalid_type")
+    images = ollama_images(message.get("images"), cfg, f"{where}.images")
+    if images and role != "user":
+        raise InputError(f"{where}.images: images go in user messages", param=f"{where}.images",
+                         code="invalid_value")
+    return Message(role, content or "", images)
+
+
+def ollama_chat_request(body: Mapping, cfg: Config) -> GenerationRequest | None:
+    """/api/chat body -> GenerationRequest, or None for Ollama's load-only call (no messages)."""
+    ollama_model_field(body)
+    sampling = ollama_sampling(body, cfg)
+    messages = body.get("messages")
+    if messages is None or messages == []:
+        return None
+    if not isinstance(messages, list):
+        raise InputError("'messages' must be a list", param="messages", code="invalid_type")
+    parsed = [ollama_message(i, m, cfg) for i, m in enumerate(messages)]
+    if not any(m.role == "user" for m in parsed):
+        raise InputError("'messages' needs at least one user message", param="messages", code="invalid_value")
+    return GenerationRequest(messages=with_system_prompt(parsed, cfg), **sampling)
+
+
+def ollama_generate_request(body: Mapping, cfg: Config) -> GenerationRequest | None:
+    """/api/generate body -> GenerationRequest (`system` + `prompt` + `images`), or None for the
+    load-only call (no prompt)."""
+    ollama_model_field(body)
+    sampling = ollama_sampling(body, cfg)
+    prompt = field_str(body, "prompt") or ""
+    images = ollama_images(body.get("images"), cfg, "images")
+    if not prompt.strip() and not images:
+        return None
+    system = field_str(body, "system")
+    messages = ([Message("system", system)] if system else []) + [Message("user", prompt, images)]
+    return GenerationRequest(messages=with_system_prompt(messages, cfg), **sampling)
 
 
 # -- from a request to model tensors ----------------------------------------------------
@@ -2251,7 +2443,7 @@ def generate(engine: Engine, req: GenerationRequest, client_gone: Callable[[], b
 
 
 # ======================================================================================
-# 5. HTTP routes (seed REST, OpenAI-compatible, MCP) -- no torch below this line
+# 5. HTTP routes (seed REST, OpenAI, Ollama, MCP) -- no torch below this line
 # ======================================================================================
 
 # -- request helpers ---------------------------------------------------------------------
@@ -2362,11 +2554,14 @@ def jsonrpc_error(msg_id, code: int, message: str, data=None) -> dict:
 
 def error_response(status: int, message: str, detail: str | None = None, param: str | None = None,
                    code: str | None = None, retry_after: int | None = None) -> Response:
-    """The error in the shape the caller's API speaks: seed {error, detail}, OpenAI, or JSON-RPC."""
+    """The error in the shape the caller's API speaks: seed {error, detail}, OpenAI, Ollama
+    {error}, or JSON-RPC."""
     if request.path.startswith("/v1/"):
         body = openai_error(status, message, param, code)
+    elif request.path.startswith("/api/"):
+        body = {"error": message}
     elif request.path.rstrip("/") == "/mcp":
-        body = jsonrpc_error(None, -32000 if status != 404 else -32001, message)
+        body = jsonrpc_error(posted_request_id(), -32000 if status != 404 else -32001, message)
     else:
         body = {"error": message, "detail": detail or message}
     response = jsonify(body)
@@ -2376,6 +2571,16 @@ def error_response(status: int, message: str, detail: str | None = None, param: 
     if status == 401:
         response.headers["WWW-Authenticate"] = 'Bearer realm="hcx-server"'
     return response
+
+
+def posted_request_id() -> str | int | None:
+    """The JSON-RPC id of a POSTed MCP body that fits the size limit (errors echo it), else None."""
+    if request.method != "POST" or (request.content_length or 0) > (request.max_content_length or 0):
+        return None
+    try:
+        return readable_id(parse_json(request.get_data(cache=True)))
+    except (ValueError, UnicodeDecodeError, RecursionError, HTTPException):
+        return None
 
 
 def register_errors(app: Flask) -> None:
@@ -2399,7 +2604,12 @@ def register_errors(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
-        return error_response(exc.code or 500, exc.name, exc.description, code=exc.name.lower().replace(" ", "_"))
+        message = exc.name
+        family = next((f for f in ("/v1/", "/api/") if request.path.startswith(f)), None)
+        if exc.code == 404 and family:
+            message = (f"{request.method} {request.path} is not an endpoint of this server; it serves "
+                       f"{', '.join(endpoints_under(app, family))}")
+        return error_response(exc.code or 500, message, exc.description, code=exc.name.lower().replace(" ", "_"))
 
     @app.errorhandler(Exception)
     def server_fault(exc: Exception):
@@ -2407,7 +2617,17 @@ def register_errors(app: Flask) -> None:
         return error_response(500, "internal server error", f"{type(exc).__name__}: {exc}", code="internal_error")
 
 
-# -- OpenAI-compatible responses -------------------------------------------------------------
+def endpoints_under(app: Flask, prefix: str) -> list[str]:
+    """'METHOD /path' for every route under `prefix`, read from the app itself (never stale)."""
+    found = []
+    for rule in sorted(app.url_map.iter_rules(), key=lambda r: r.rule):
+        if rule.rule.startswith(prefix):
+            path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)
+            found += [f"{method} {path}" for method in sorted(rule.methods - {"HEAD", "OPTIONS"})]
+    return found
+
+
+# -- OpenAI chat completions: the answer and its chunk stream -------------------------------------
 
 FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "stop", "error": "stop"}
 
@@ -2454,17 +2674,265 @@ def chat_completion_chunks(pieces: TextStream, completion_id: str, created: int,
     yield sse("[DONE]")
 
 
-# -- MCP: JSON-RPC 2.0 handler shared by POST /mcp and stdio (hcx-cli mcp) --------------------
+# -- OpenAI Responses API: the response object and its event stream ------------------------------
 
-MCP_PROTOCOL_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
+RESPONSE_STATUS = {"stop": "completed", "cancelled": "completed", "length": "incomplete", "error": "failed"}
+
+
+def response_usage(c: Completion) -> dict:
+    return {"input_tokens": c.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": c.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": c.prompt_tokens + c.completion_tokens}
+
+
+def response_echo(body: Mapping, req: GenerationRequest, model: str) -> dict:
+    """The request's fields a response object repeats, fixed when the request is read."""
+    metadata = body.get("metadata")
+    return {"id": f"resp_{uuid.uuid4().hex}", "created_at": int(time.time()), "model": model,
+            "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
+            "temperature": req.temperature, "top_p": req.top_p,
+            "metadata": metadata if isinstance(metadata, dict) else {}}
+
+
+def response_body(echo: dict, status: str, output: list, c: Completion | None = None,
+                  error: dict | None = None) -> dict:
+    return {"id": echo["id"], "object": "response", "created_at": echo["created_at"], "status": status,
+            "error": error, "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            "instructions": echo["instructions"], "max_output_tokens": echo["max_output_tokens"],
+            "model": echo["model"], "output": output, "parallel_tool_calls": False, "previous_response_id": None,
+            "reasoning": {"effort": None, "summary": None}, "store": False, "temperature": echo["temperature"],
+            "text": {"format": {"type": "text"}}, "tool_choice": "none", "tools": [], "top_p": echo["top_p"],
+            "truncation": "disabled", "usage": response_usage(c) if c is not None else None, "user": None,
+            "metadata": echo["metadata"]}
+
+
+def output_text_part(text: str) -> dict:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def output_message(item_id: str, status: str, text: str | None = None) -> dict:
+    """The assistant message item; no content part yet while it is being announced."""
+    return {"type": "message", "id": item_id, "status": status, "role": "assistant",
+            "content": [] if text is None else [output_text_part(text)]}
+
+
+class AnswerTexts:
+    """The text of the last answers /v1/responses gave, by output item id: clients refer back to
+    an earlier assistant turn with an item_reference (the Vercel AI SDK does by default). Bounded,
+    in memory; nothing else of a response is kept."""
+
+    MAX_ITEMS = 4096
+
+    def __init__(self):
+        self.texts: dict[str, str] = {}
+        self.lock = threading.Lock()
+
+    def remember(self, item_id: str, text: str) -> None:
+        with self.lock:
+            while len(self.texts) >= self.MAX_ITEMS:
+                self.texts.pop(next(iter(self.texts)))
+            self.texts[item_id] = text
+
+    def recall(self, item_id) -> str | None:
+        with self.lock:
+            return self.texts.get(item_id) if isinstance(item_id, str) else None
+
+
+def response_events(pieces: TextStream, echo: dict, access: dict | None,
+                    remember: Callable[[str, str], None]) -> Iterator[str]:
+    """SSE as OpenAI sends it: created, in_progress, the item and its text part announced, text
+    deltas as tokens arrive, the done events, then response.completed (or .incomplete at the token
+    limit); a failure mid-answer is response.failed."""
+    sequence = iter(range(1 << 62))
+    item_id = f"msg_{uuid.uuid4().hex}"
+    at = {"item_id": item_id, "output_index": 0, "content_index": 0}
+
+    def event(kind: str, **fields) -> str:
+        payload = json.dumps({"type": kind, "sequence_number": next(sequence), **fields}, ensure_ascii=False)
+        return f"event: {kind}\ndata: {payload}\n\n"
+
+    yield event("response.created", response=response_body(echo, "in_progress", []))
+    yield event("response.in_progress", response=response_body(echo, "in_progress", []))
+    yield event("response.output_item.added", output_index=0, item=output_message(item_id, "in_progress"))
+    yield event("response.content_part.added", **at, part=output_text_part(""))
+    text = []
+    try:
+        for piece in pieces:
+            text.append(piece)
+            yield event("response.output_text.delta", **at, delta=piece, logprobs=[])
+    except GenerationError as exc:
+        failure = {"code": "server_error", "message": str(exc)}
+        yield event("response.failed", response=response_body(echo, "failed", [], pieces.completion, failure))
+        return
+    finally:
+        record_completion(access, pieces.completion)
+    c, full = pieces.completion, "".join(text)
+    status = RESPONSE_STATUS[c.finish_reason]
+    item = output_message(item_id, "completed" if status == "completed" else "incomplete", full)
+    remember(item_id, full)
+    yield event("response.output_text.done", **at, text=full, logprobs=[])
+    yield event("response.content_part.done", **at, part=output_text_part(full))
+    yield event("response.output_item.done", output_index=0, item=item)
+    yield event(f"response.{status}", response=response_body(echo, status, [item], c))
+
+
+# -- Ollama API: model listing, answers and the NDJSON stream --------------------------------------
+
+OLLAMA_API_VERSION = "0.12.6"  # the Ollama release whose API this subset follows (tools gate features on it)
+OLLAMA_DONE_REASONS = {"stop": "stop", "length": "length", "cancelled": "stop", "error": "stop"}
+
+
+def ollama_time(seconds: float | None = None) -> str:
+    from datetime import datetime, timezone
+
+    stamp = datetime.fromtimestamp(time.time() if seconds is None else seconds, timezone.utc)
+    return stamp.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+@functools.lru_cache(maxsize=4)
+def weights_facts(folder: str) -> dict:
+    """What Ollama lists about a model, read from its files (never from torch): config.json's
+    model type, the weights' bytes and (from safetensors headers) parameter count, the mtime."""
+    path = Path(folder)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    weights = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin")] if path.is_dir() else []
+    params = 0
+    for file in (p for p in weights if p.suffix == ".safetensors"):
+        try:
+            with open(file, "rb") as f:
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            params += sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
+        except (OSError, ValueError, KeyError, TypeError):
+            params = 0
+            break
+    size = sum(p.stat().st_size for p in weights)
+    mtime = (path / "config.json").stat().st_mtime if (path / "config.json").exists() else time.time()
+    return {"family": str(config.get("model_type") or "unknown"), "size": size, "params": params, "mtime": mtime,
+            "digest": hashlib.sha256(f"{path.resolve()}:{size}:{mtime}".encode()).hexdigest()}
+
+
+def ollama_name(cfg: Config) -> str:
+    return f"{cfg.served_model_name}:latest"
+
+
+def ollama_details(m: LoadedModel) -> dict:
+    facts = weights_facts(m.path)
+    params = facts["params"]
+    size = f"{params / 1e9:.1f}B" if params >= 1e8 else f"{params / 1e6:.1f}M" if params else ""
+    dtype = str(m.dtype).replace("torch.", "")
+    return {"parent_model": "", "format": "safetensors", "family": facts["family"], "families": [facts["family"]],
+            "parameter_size": size, "quantization_level": {"bfloat16": "BF16", "float16": "F16"}.get(dtype, "F32")}
+
+
+def ollama_model_entry(cfg: Config, m: LoadedModel) -> dict:
+    facts = weights_facts(m.path)
+    return {"name": ollama_name(cfg), "model": ollama_name(cfg), "modified_at": ollama_time(facts["mtime"]),
+            "size": facts["size"], "digest": facts["digest"], "details": ollama_details(m)}
+
+
+def ollama_show(cfg: Config, m: LoadedModel) -> dict:
+    facts = weights_facts(m.path)
+    family = facts["family"]
+    return {"license": "", "modelfile": "", "parameters": "", "template": "", "details": ollama_details(m),
+            "model_info": {"general.architecture": family, "general.parameter_count": facts["params"],
+                           f"{family}.context_length": m.context_length},
+            "capabilities": ["completion", "vision"], "modified_at": ollama_time(facts["mtime"])}
+
+
+def ollama_stats(c: Completion) -> dict:
+    """Ollama's counters and durations (nanoseconds); the model is already loaded, so no load time."""
+    def ns(seconds: float) -> int:
+        return int(seconds * 1e9)
+
+    return {"done_reason": OLLAMA_DONE_REASONS[c.finish_reason], "total_duration": ns(c.total_s), "load_duration": 0,
+            "prompt_eval_count": c.prompt_tokens, "prompt_eval_duration": ns(c.ttft_s),
+            "eval_count": c.completion_tokens, "eval_duration": ns(max(c.total_s - c.ttft_s, 0.0))}
+
+
+def ollama_text(chat: bool, text: str) -> dict:
+    """/api/chat answers carry a message, /api/generate a response string."""
+    return {"message": {"role": "assistant", "content": text}} if chat else {"response": text}
+
+
+def ollama_answer(model: str, chat: bool, c: Completion) -> dict:
+    return {"model": model, "created_at": ollama_time(), **ollama_text(chat, c.text), "done": True, **ollama_stats(c)}
+
+
+def ollama_loaded(model: str, chat: bool) -> dict:
+    """Ollama's answer to a call with nothing to generate: the model is (already) loaded."""
+    return {"model": model, "created_at": ollama_time(), **ollama_text(chat, ""), "done": True, "done_reason": "load"}
+
+
+def ollama_chunks(pieces: TextStream, model: str, chat: bool, access: dict | None) -> Iterator[str]:
+    """NDJSON: one object per text piece (done: false), then the counters (done: true); a failure
+    mid-answer is a last {"error": ...} line, as Ollama sends it."""
+    def line(obj: dict) -> str:
+        return json.dumps(obj, ensure_ascii=False) + "\n"
+
+    try:
+        for piece in pieces:
+            yield line({"model": model, "created_at": ollama_time(), **ollama_text(chat, piece), "done": False})
+    except GenerationError as exc:
+        yield line({"error": str(exc)})
+        return
+    finally:
+        record_completion(access, pieces.completion)
+    yield line({"model": model, "created_at": ollama_time(), **ollama_text(chat, ""), "done": True,
+                **ollama_stats(pieces.completion)})
+
+
+# -- MCP: JSON-RPC 2.0 handler shared by POST /mcp and stdio (hcx-cli mcp) --------------------
+# Two eras. Handshake era (2024-11-05 .. 2025-11-25): `initialize` agrees a version, HTTP keeps it
+# in a session (Mcp-Session-Id). Modern era (2026-07-28): no handshake and no sessions; every
+# request carries its version and the client's capabilities in params._meta (and, over HTTP, in
+# headers that must match the body); `server/discover` advertises what the server speaks. A
+# request carrying that _meta is served in the modern era, anything else in the handshake era.
+
+MCP_HANDSHAKE_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
+MCP_MODERN_VERSIONS = ("2026-07-28",)
+MCP_PROTOCOL_VERSIONS = MCP_HANDSHAKE_VERSIONS + MCP_MODERN_VERSIONS
 MCP_ASSUMED_VERSION = "2025-03-26"  # a request without MCP-Protocol-Version (Caret sends none)
+META_VERSION = "io.modelcontextprotocol/protocolVersion"
+META_CAPABILITIES = "io.modelcontextprotocol/clientCapabilities"
+META_SERVER_INFO = "io.modelcontextprotocol/serverInfo"
+HEADER_MISMATCH, UNSUPPORTED_VERSION = -32020, -32022  # the spec's codes (2026-07-28)
+# HTTP status of a modern-era JSON-RPC error (the spec's table); other errors, and every error of
+# the handshake era (Caret throws on any non-2xx), are HTTP 200.
+MODERN_ERROR_STATUS = {-32700: 400, -32600: 400, -32602: 400, HEADER_MISMATCH: 400, -32021: 400,
+                       UNSUPPORTED_VERSION: 400, -32601: 404}
+MCP_CACHE = {"cacheScope": "public", "ttlMs": 300_000}  # the tool list never changes while the server runs
 TOOL_NAME = "generate_hyperclovax_vision"
+SERVER_INFO = {"name": "hcx-server", "title": "HyperCLOVA X SEED Vision (local)", "version": __version__}
+MCP_INSTRUCTIONS = f"Call {TOOL_NAME} to ask the local vision-language model about an image."
 
 
 class McpError(Exception):
-    def __init__(self, code: int, message: str):
+    def __init__(self, code: int, message: str, data: Any = None):
         super().__init__(message)
-        self.code, self.message = code, message
+        self.code, self.message, self.data = code, message, data
+
+
+def unsupported_version(requested: str) -> McpError:
+    """-32022 with the versions to pick from (clients retry with one of them)."""
+    return McpError(UNSUPPORTED_VERSION, f"unsupported protocol version {requested!r}; this server speaks "
+                    f"{', '.join(MCP_PROTOCOL_VERSIONS)} ({', '.join(MCP_HANDSHAKE_VERSIONS)} through initialize)",
+                    {"supported": list(MCP_PROTOCOL_VERSIONS), "requested": requested})
+
+
+def modern_version(msg) -> Any:
+    """The protocol version a modern-era message carries in params._meta, or None (handshake era)."""
+    params = msg.get("params") if isinstance(msg, dict) else None
+    meta = params.get("_meta") if isinstance(params, dict) else None
+    return meta.get(META_VERSION) if isinstance(meta, dict) else None
+
+
+def readable_id(msg) -> str | int | None:
+    """The request id, when the message has a valid one (errors echo it)."""
+    msg_id = msg.get("id") if isinstance(msg, dict) else None
+    return msg_id if isinstance(msg_id, (str, int)) and not isinstance(msg_id, bool) else None
 
 
 def tool_definition(cfg: Config, stdio: bool) -> dict:
@@ -2495,8 +2963,8 @@ class McpServer:
     """The MCP protocol (tools only) over any transport: messages in, messages out.
 
     handle() yields progress notifications while a tool runs (when asked for) and then the
-    response; it yields nothing for notifications. Sessions are just ids with a protocol
-    version; in-flight tool calls are kept so notifications/cancelled can stop them.
+    response; it yields nothing for notifications. Handshake-era sessions are just ids with a
+    protocol version; in-flight tool calls are kept so notifications/cancelled can stop them.
     """
 
     MAX_SESSIONS = 1024
@@ -2507,7 +2975,7 @@ class McpServer:
         self.inflight: dict[tuple[str, str], TextStream] = {}
         self.lock = threading.Lock()
 
-    # -- sessions --
+    # -- sessions (handshake era) --
     def open_session(self, version: str) -> str:
         with self.lock:
             while len(self.sessions) >= self.MAX_SESSIONS:
@@ -2527,15 +2995,13 @@ class McpServer:
     def handle(self, msg, session: str = "", client_gone: Callable[[], bool] | None = None,
                progress: bool = False, access: dict | None = None) -> Iterator[dict]:
         if not isinstance(msg, dict) or msg.get("jsonrpc") != "2.0":
-            yield jsonrpc_error(msg.get("id") if isinstance(msg, dict) else None, -32600,
-                                "invalid request: expected a JSON-RPC 2.0 object")
+            yield jsonrpc_error(readable_id(msg), -32600, "invalid request: expected a JSON-RPC 2.0 object")
             return
         method, msg_id = msg.get("method"), msg.get("id")
         if method is None and ("result" in msg or "error" in msg):
             return  # a response to a server request; we send none, so nothing to do
-        if not isinstance(method, str) or ("id" in msg and (isinstance(msg_id, bool) or
-                                                           not isinstance(msg_id, (str, int)))):
-            yield jsonrpc_error(msg_id if isinstance(msg_id, (str, int)) else None, -32600,
+        if not isinstance(method, str) or ("id" in msg and readable_id(msg) is None):
+            yield jsonrpc_error(readable_id(msg), -32600,
                                 "invalid request: 'method' must be a string and 'id' a string or integer")
             return
         params = msg.get("params", {})
@@ -2545,26 +3011,62 @@ class McpServer:
         try:
             if not isinstance(params, dict):
                 raise McpError(-32602, "'params' must be an object")
+            version = self.request_version(params)
             if method == "tools/call":
-                yield from self.call_tool(msg_id, params, session, client_gone, progress, access)
+                for reply in self.call_tool(msg_id, params, session, client_gone, progress, access):
+                    yield self.stamped(reply, version)
                 return
-            yield {"jsonrpc": "2.0", "id": msg_id, "result": self.dispatch(method, params)}
+            yield self.stamped({"jsonrpc": "2.0", "id": msg_id, "result": self.dispatch(method, params, version)},
+                               version)
         except McpError as exc:
-            yield jsonrpc_error(msg_id, exc.code, exc.message)
+            yield jsonrpc_error(msg_id, exc.code, exc.message, exc.data)
 
-    def dispatch(self, method: str, params: dict) -> dict:
-        if method == "initialize":
-            asked = params.get("protocolVersion")
-            return {"protocolVersion": asked if asked in MCP_PROTOCOL_VERSIONS else MCP_PROTOCOL_VERSIONS[-1],
-                    "capabilities": {"tools": {"listChanged": False}},
-                    "serverInfo": {"name": "hcx-server", "title": "HyperCLOVA X SEED Vision (local)",
-                                   "version": __version__},
-                    "instructions": f"Call {TOOL_NAME} to ask the local vision-language model about an image."}
-        if method == "ping":
-            return {}
+    @staticmethod
+    def request_version(params: dict) -> str | None:
+        """The modern version this request speaks (its _meta checked as the spec requires), or None
+        for a handshake-era request."""
+        meta = params.get("_meta")
+        if not isinstance(meta, dict) or META_VERSION not in meta:
+            return None
+        version = meta[META_VERSION]
+        if not isinstance(version, str):
+            raise McpError(-32602, f"params._meta['{META_VERSION}'] must be a string")
+        if not isinstance(meta.get(META_CAPABILITIES), dict):
+            raise McpError(-32602, f"params._meta['{META_CAPABILITIES}'] (an object) is required on every "
+                                   f"{version} request")
+        if version not in MCP_MODERN_VERSIONS:
+            raise unsupported_version(version)
+        return version
+
+    @staticmethod
+    def stamped(reply: dict, version: str | None) -> dict:
+        """Modern-era results say their type and who answered (the server has no session to say it once)."""
+        if version is None or "result" not in reply:
+            return reply
+        result = reply["result"]
+        meta = {**result.get("_meta", {}), META_SERVER_INFO: SERVER_INFO}
+        return {**reply, "result": {**result, "resultType": "complete", "_meta": meta}}
+
+    def dispatch(self, method: str, params: dict, version: str | None) -> dict:
+        tools = {"tools": [tool_definition(self.engine.cfg, self.stdio)]}
+        if version is None:
+            if method == "initialize":
+                asked = params.get("protocolVersion")
+                return {"protocolVersion": asked if asked in MCP_HANDSHAKE_VERSIONS else MCP_HANDSHAKE_VERSIONS[-1],
+                        "capabilities": {"tools": {"listChanged": False}}, "serverInfo": SERVER_INFO,
+                        "instructions": MCP_INSTRUCTIONS}
+            if method == "ping":
+                return {}
+            if method == "tools/list":
+                return tools
+            raise McpError(-32601, f"method not found: {method}")
+        if method == "server/discover":
+            return {"supportedVersions": list(MCP_PROTOCOL_VERSIONS), "capabilities": {"tools": {"listChanged": False}},
+                    "instructions": MCP_INSTRUCTIONS, **MCP_CACHE}
         if method == "tools/list":
-            return {"tools": [tool_definition(self.engine.cfg, self.stdio)]}
-        raise McpError(-32601, f"method not found: {method}")
+            return {**tools, **MCP_CACHE}
+        raise McpError(-32601, f"method not found: {method} (protocol {version} here: server/discover, "
+                               "tools/list, tools/call)")
 
     def notification(self, method: str, params: dict, session: str) -> None:
         if method == "notifications/cancelled":
@@ -2621,23 +3123,43 @@ class McpServer:
 
 
 def mcp_http(mcp: McpServer) -> Response:
-    """Streamable HTTP: one POSTed message (or a 2025-03-26 batch) -> JSON, SSE, or 202."""
+    """Streamable HTTP, both eras on one endpoint. A known Mcp-Session-Id fixes the handshake era
+    (its requests must not claim another era's version); MCP-Protocol-Version 2026-07-28 or a body
+    with modern _meta selects the modern era; anything else is the handshake era, a missing header
+    meaning 2025-03-26 (Caret sends none)."""
     version = request.headers.get("MCP-Protocol-Version")
-    if version is not None and version not in MCP_PROTOCOL_VERSIONS:
-        return mcp_json(jsonrpc_error(None, -32600, f"unsupported MCP-Protocol-Version {version!r}; supported: "
-                                                    f"{', '.join(MCP_PROTOCOL_VERSIONS)}"), 400)
     session = request.headers.get("Mcp-Session-Id")
-    if session is not None and not mcp.has_session(session):
-        return mcp_json(jsonrpc_error(None, -32001, "unknown or expired session; initialize again"), 404)
     try:
         message = parse_json(request.get_data(cache=True))
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         return mcp_json(jsonrpc_error(None, -32700, f"parse error: {exc}"), 400)
+    msg_id = readable_id(message)
+    if session is not None and mcp.has_session(session):
+        if version is not None and version not in MCP_HANDSHAKE_VERSIONS:
+            return mcp_json(jsonrpc_error(msg_id, -32600, (
+                f"unsupported MCP-Protocol-Version {version!r} in a session (negotiated "
+                f"{mcp.sessions.get(session, MCP_ASSUMED_VERSION)} by initialize); sessions speak "
+                f"{', '.join(MCP_HANDSHAKE_VERSIONS)}, and {', '.join(MCP_MODERN_VERSIONS)} requests carry no "
+                "Mcp-Session-Id")), 400)
+        return mcp_handshake_http(mcp, message, session)
+    if version in MCP_MODERN_VERSIONS or modern_version(message) is not None:
+        return mcp_modern_http(mcp, message, version)
+    if version is not None and version not in MCP_HANDSHAKE_VERSIONS:
+        error = unsupported_version(version)
+        return mcp_json(jsonrpc_error(msg_id, error.code, error.message, error.data), 400)
+    if session is not None:
+        return mcp_json(jsonrpc_error(msg_id, -32001, "unknown or expired session; initialize again"), 404)
+    return mcp_handshake_http(mcp, message, "")
+
+
+def mcp_handshake_http(mcp: McpServer, message, session: str) -> Response:
+    """Handshake era: one message (or a 2025-03-26 batch) -> JSON, SSE, or 202; initialize opens
+    a session; errors to well-formed requests are HTTP 200."""
     gone, access = client_gone_check(), g.get("access")
     if isinstance(message, list):
         if not message:
             return mcp_json(jsonrpc_error(None, -32600, "invalid request: empty batch"), 400)
-        replies = [reply for m in message for reply in mcp.handle(m, session or "", gone, access=access)]
+        replies = [reply for m in message for reply in mcp.handle(m, session, gone, access=access)]
         return mcp_json(replies, 200) if replies else Response(status=202)
     if isinstance(message, dict) and message.get("method") == "initialize" and "id" in message:
         reply = next(mcp.handle(message, "", gone))
@@ -2645,20 +3167,76 @@ def mcp_http(mcp: McpServer) -> Response:
         if "result" in reply:
             response.headers["Mcp-Session-Id"] = mcp.open_session(reply["result"]["protocolVersion"])
         return response
+    return mcp_answer(mcp, message, session,
+                      lambda reply: 400 if "error" in reply and reply["error"]["code"] in (-32600, -32700) else 200)
+
+
+def mcp_modern_http(mcp: McpServer, message, header_version: str | None) -> Response:
+    """Modern era (2026-07-28): one request per POST, no session, headers checked against the body,
+    errors with the spec's HTTP status. Client notifications are accepted and dropped: on HTTP a
+    client cancels by closing the response stream."""
+    msg_id = readable_id(message)
+    if not isinstance(message, dict):
+        return mcp_json(jsonrpc_error(None, -32600, f"a {MCP_MODERN_VERSIONS[-1]} POST carries one JSON-RPC "
+                                                    "message, not a batch"), 400)
+    if "id" not in message:
+        if isinstance(message.get("method"), str):
+            return Response(status=202)
+        return mcp_json(jsonrpc_error(None, -32600, "invalid request: clients send requests and notifications"), 400)
+    if modern_version(message) is None:
+        return mcp_json(jsonrpc_error(msg_id, -32602, f"params._meta must carry '{META_VERSION}' and "
+                                                      f"'{META_CAPABILITIES}' on {header_version} requests"), 400)
+    mismatch = header_mismatch(message, header_version)
+    if mismatch:
+        return mcp_json(jsonrpc_error(msg_id, HEADER_MISMATCH, f"header mismatch: {mismatch}"), 400)
+    return mcp_answer(mcp, message, "",
+                      lambda reply: MODERN_ERROR_STATUS.get(reply["error"]["code"], 200) if "error" in reply else 200)
+
+
+def mcp_answer(mcp: McpServer, message, session: str, status_of: Callable[[dict], int]) -> Response:
+    """One request's answer: SSE with progress when the client asked for it and accepts SSE,
+    else the response as JSON (202 for a notification)."""
     params = message.get("params") if isinstance(message, dict) else None
     meta = params.get("_meta") if isinstance(params, dict) else None
     wants_progress = ("text/event-stream" in request.headers.get("Accept", "") and isinstance(meta, dict)
                       and message.get("method") == "tools/call" and "progressToken" in meta)
-    replies = mcp.handle(message, session or "", gone, progress=wants_progress, access=access)
+    replies = mcp.handle(message, session, client_gone_check(), progress=wants_progress, access=g.get("access"))
     if wants_progress:
         events = (f"event: message\ndata: {json.dumps(r, ensure_ascii=False)}\n\n" for r in replies)
         return streaming_response(events, "text/event-stream")  # closing it closes call_tool: cancels
     replies = list(replies)
     if not replies:
         return Response(status=202)
-    reply = replies[-1]
-    status = 400 if "error" in reply and reply["error"]["code"] in (-32600, -32700) else 200
-    return mcp_json(reply, status)
+    return mcp_json(replies[-1], status_of(replies[-1]))
+
+
+def header_value(raw: str | None) -> str | None:
+    """A mirrored header value, decoding the spec's =?base64?...?= form (None if malformed)."""
+    if raw is None or not (raw.startswith("=?base64?") and raw.endswith("?=")):
+        return raw
+    try:
+        return base64.b64decode(raw[9:-2], validate=True).decode("utf-8")
+    except (binascii.Error, ValueError):
+        return None
+
+
+def header_mismatch(message: dict, header_version: str | None) -> str | None:
+    """Why the modern-era request headers disagree with the body, or None (the spec's Server Validation)."""
+    for name in ("MCP-Protocol-Version", "Mcp-Method", "Mcp-Name"):
+        if len(request.headers.getlist(name)) > 1:
+            return f"{name} appears more than once"
+    body_version, method = modern_version(message), message.get("method")
+    if header_version is None:
+        return f"the MCP-Protocol-Version header is required (the body says {body_version!r})"
+    if header_version != body_version:
+        return f"MCP-Protocol-Version header {header_version!r} does not match params._meta version {body_version!r}"
+    if request.headers.get("Mcp-Method") != method:
+        return f"Mcp-Method header {request.headers.get('Mcp-Method')!r} does not match the method {method!r}"
+    name_field = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}.get(method)
+    expected = message["params"].get(name_field) if name_field else None
+    if isinstance(expected, str) and header_value(request.headers.get("Mcp-Name")) != expected:
+        return f"Mcp-Name header does not match params.{name_field} {expected!r}"
+    return None
 
 
 def mcp_json(body, status: int) -> Response:
@@ -2670,20 +3248,39 @@ def mcp_json(body, status: int) -> Response:
 
 CORS_HEADERS = {
     "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
-    "Access-Control-Allow-Headers": "Authorization, Content-Type, Mcp-Session-Id, MCP-Protocol-Version, "
-                                    "Last-Event-ID, X-Request-Id",
-    "Access-Control-Expose-Headers": "Mcp-Session-Id, Retry-After, X-Request-Id",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type, Accept, Mcp-Session-Id, MCP-Protocol-Version, "
+                                    "Mcp-Method, Mcp-Name, Last-Event-ID, X-Request-Id",
+    "Access-Control-Expose-Headers": "Mcp-Session-Id, MCP-Protocol-Version, Retry-After, X-Request-Id, "
+                                     "WWW-Authenticate",
     "Access-Control-Max-Age": "600",
 }
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
+
+
+def preflight_allowed_headers(requested: str) -> str:
+    """Our own headers plus whatever an allowed page asks for (the openai JS SDK sends X-Stainless-*):
+    the Origin check, not a header list, is what keeps foreign pages out."""
+    names = CORS_HEADERS["Access-Control-Allow-Headers"].split(", ")
+    names += [h.strip() for h in requested.split(",") if HEADER_NAME.fullmatch(h.strip())]
+    unique: dict[str, str] = {}
+    for name in names:
+        unique.setdefault(name.lower(), name)
+    return ", ".join(unique.values())
 
 
 def origin_allowed(origin: str, allowed: tuple[str, ...]) -> bool:
+    """`*`, an exact origin, `scheme://host:*` (any port) or `scheme://*` (any host of a scheme, as
+    VS Code webviews' vscode-webview://<random id>)."""
     origin = origin.rstrip("/").lower()
     for entry in allowed:
         entry = entry.lower()
         if entry == "*" or entry == origin:
             return True
-        if entry.endswith(":*"):
+        if entry.endswith("://*"):
+            host = origin[len(entry) - 1:]
+            if origin.startswith(entry[:-1]) and host and "/" not in host:
+                return True
+        elif entry.endswith(":*"):
             base = entry[:-2]
             if origin == base or (origin.startswith(base + ":") and origin[len(base) + 1:].isdigit()):
                 return True
@@ -2729,6 +3326,9 @@ def register_security(app: Flask, engine: Engine) -> None:
             response.headers.add("Vary", "Origin")
             if request.method == "OPTIONS":
                 response.headers.update(CORS_HEADERS)
+                response.headers["Access-Control-Allow-Headers"] = preflight_allowed_headers(
+                    request.headers.get("Access-Control-Request-Headers", ""))
+                response.headers.add("Vary", "Access-Control-Request-Headers")
             else:
                 response.headers["Access-Control-Expose-Headers"] = CORS_HEADERS["Access-Control-Expose-Headers"]
         return response
@@ -2771,6 +3371,7 @@ def register_routes(app: Flask, engine: Engine) -> None:
     cfg = engine.cfg
     mcp = McpServer(engine)
     app.extensions["hcx_mcp"] = mcp
+    answers = AnswerTexts()
 
     @app.post("/tool/generate_hyperclovax_vision")
     def seed_generate():
@@ -2806,6 +3407,24 @@ def register_routes(app: Flask, engine: Engine) -> None:
         completion = generate(engine, req, client_gone_check())
         record_completion(g.get("access"), completion)
         return jsonify(chat_completion(completion, completion_id, created, cfg.served_model_name))
+
+    @app.post("/v1/responses")
+    def responses():
+        body = read_json_body()
+        streaming = wants_stream(body, allow_query=False)
+        req = responses_request(body, cfg, answers.recall)
+        note_prompt(cfg, req)
+        echo = response_echo(body, req, cfg.served_model_name)
+        if streaming:
+            pieces = stream(engine, req, client_gone_check())
+            events = response_events(pieces, echo, g.get("access"), answers.remember)
+            return streaming_response(events, "text/event-stream", pieces)
+        completion = generate(engine, req, client_gone_check())
+        record_completion(g.get("access"), completion)
+        status, item_id = RESPONSE_STATUS[completion.finish_reason], f"msg_{uuid.uuid4().hex}"
+        answers.remember(item_id, completion.text)
+        item = output_message(item_id, "completed" if status == "completed" else "incomplete", completion.text)
+        return jsonify(response_body(echo, status, [item], completion))
 
     @app.get("/v1/models")
     def list_models():
@@ -2861,6 +3480,65 @@ def register_routes(app: Flask, engine: Engine) -> None:
 
 def model_card(cfg: Config) -> dict:
     return {"id": cfg.served_model_name, "object": "model", "created": 0, "owned_by": "hcx-server"}
+
+
+def register_ollama_routes(app: Flask, engine: Engine) -> None:
+    """The Ollama API subset Ollama-speaking tools call, so a base-URL change points them here.
+    Generation ignores the model name (one model is served); /api/show answers for that one."""
+    cfg = engine.cfg
+
+    @app.get("/api/version")
+    def ollama_version():
+        return jsonify(version=OLLAMA_API_VERSION)
+
+    @app.get("/api/tags")
+    def ollama_tags():
+        return jsonify(models=[ollama_model_entry(cfg, engine.require_model())])
+
+    @app.get("/api/ps")
+    def ollama_ps():
+        m = engine.require_model()
+        entry = ollama_model_entry(cfg, m)
+        return jsonify(models=[{**entry, "expires_at": ollama_time(time.time() + 10 * 365 * 86400),
+                                "size_vram": entry["size"] if m.device.type != "cpu" else 0,
+                                "context_length": m.context_length}])
+
+    @app.post("/api/show")
+    def ollama_show_model():
+        body = read_json_body()
+        name = field_str(body, "model") or field_str(body, "name")
+        if not name:
+            raise InputError("'model' is required", param="model", code="missing_field")
+        if name not in (cfg.served_model_name, ollama_name(cfg)):
+            raise InputError(f"model '{name}' not found (this server has '{ollama_name(cfg)}')", status=404,
+                             param="model", code="model_not_found")
+        return jsonify(ollama_show(cfg, engine.require_model()))
+
+    def answer(body: dict, req: GenerationRequest | None, chat: bool) -> Response:
+        model = body["model"]
+        if req is None:
+            engine.require_model()
+            return jsonify(ollama_loaded(model, chat))
+        note_prompt(cfg, req)
+        if body.get("stream") is not False:  # Ollama streams unless told not to
+            pieces = stream(engine, req, client_gone_check())
+            return streaming_response(ollama_chunks(pieces, model, chat, g.get("access")), "application/x-ndjson",
+                                      pieces)
+        completion = generate(engine, req, client_gone_check())
+        record_completion(g.get("access"), completion)
+        return jsonify(ollama_answer(model, chat, completion))
+
+    @app.post("/api/chat")
+    def ollama_chat():
+        body = read_json_body()
+        wants_stream(body, allow_query=False)  # a non-boolean "stream" is a 400
+        return answer(body, ollama_chat_request(body, cfg), chat=True)
+
+    @app.post("/api/generate")
+    def ollama_generate():
+        body = read_json_body()
+        wants_stream(body, allow_query=False)
+        return answer(body, ollama_generate_request(body, cfg), chat=False)
 
 
 # -- observability: access log and Prometheus metrics -----------------------------------------
@@ -3011,6 +3689,7 @@ def create_app(cfg: Config | None = None, engine: Engine | None = None) -> Flask
     register_security(app, engine)
     register_errors(app)
     register_routes(app, engine)
+    register_ollama_routes(app, engine)
     return app
 
 

@@ -32,6 +32,8 @@ What is here
   LA, grey, EXIF-rotated, GIF, WebP, BMP, 1x1, 40x3 ...), ``b64()`` encodes them (optionally
   with a data: URL prefix and line wrapping).
 - HTTP: ``post()`` and ``stream_chunks()`` (the raw HTTP chunks of a streamed answer).
+- Node.js: ``node_packages_ready()`` (``npm ci`` in tests/node when a locked package is missing;
+  skips without node) and ``run_node()`` (a tests/node script's one-line JSON summary).
 """
 
 from __future__ import annotations
@@ -557,6 +559,42 @@ def stream_chunks(base: str, path: str, body: Any, params: Mapping[str, str] | N
                 chunks.append(chunk)
                 times.append(time.perf_counter() - started)
     return resp, chunks, times
+
+
+# ----------------------------------------------------------------------------------------
+# Node.js clients (tests/node: Caret's MCP SDK 1.11.1, a current MCP SDK, the MCP Inspector, openai
+# npm, the Vercel AI SDK), locked in tests/node/package-lock.json
+# ----------------------------------------------------------------------------------------
+
+NODE_DIR = REPO_ROOT / "tests" / "node"
+
+
+def node_packages_ready() -> str:
+    """The `node` binary, after `npm ci` in tests/node when a package of package.json is missing
+    there (a checkout from before it was added); skips when node or npm is not installed."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if not node or not npm:
+        pytest.skip(f"node/npm not installed (node={node}, npm={npm}); install Node.js >= 18 to run the "
+                    "JavaScript client tests")
+    wanted = json.loads((NODE_DIR / "package.json").read_text())["dependencies"]
+    if not all((NODE_DIR / "node_modules" / name / "package.json").is_file() for name in wanted):
+        proc = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, capture_output=True,
+                              text=True, timeout=600, env=clean_env())
+        assert proc.returncode == 0, f"npm ci failed in {NODE_DIR}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return node
+
+
+def run_node(args: list[str], timeout: float = 300, env: Mapping[str, Any] | None = None) -> dict:
+    """Run a node script of tests/node that prints ONE JSON summary as its last line; fail with its
+    stderr when it exits non-zero or reports {"fatal": ...}."""
+    proc = subprocess.run(args, cwd=NODE_DIR, capture_output=True, text=True, timeout=timeout, env=clean_env(env))
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert lines, f"no output (exit {proc.returncode}); stderr:\n{proc.stderr[-3000:]}"
+    summary = json.loads(lines[-1])
+    assert proc.returncode == 0 and "fatal" not in summary, (
+        f"{args[1]} failed (exit {proc.returncode}) after steps {summary.get('steps')}:\n"
+        f"{summary.get('fatal')}\nstderr:\n{proc.stderr[-3000:]}")
+    return summary
 
 
 def assert_error_json(resp, status: int, *words: str) -> dict:
