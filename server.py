@@ -269,6 +269,7 @@ class LoadedModel:
     body: Any = None  # its decoder body, where the multimodal front hands over the prompt embeddings
     keep_last_logits: bool = False  # the decoder takes logits_to_keep=1
     static: Any = None  # StaticDecode: the static KV cache (and compiled step) made at load
+    grammar_tokenizer: Any = None  # llguidance's tokenizer, made on the first structured-output request
 
 
 def resolve_device(cfg: Config) -> torch.device:
@@ -882,6 +883,7 @@ class GenerationRequest:
     top_p: float = 0.6
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    constraint: Constraint | None = None  # structured output: the answer's grammar (JSON, tool calls)
 
     @property
     def image_count(self) -> int:
@@ -1053,7 +1055,10 @@ def prompt_request(body: Mapping, cfg: Config, allow_image_path: bool = False) -
     if image_path:
         images.append(image_from_path(image_path, cfg))
     messages = with_system_prompt([Message("user", prompt, images)], cfg)
-    return GenerationRequest(messages=messages, **sampling_fields(body, cfg))
+    constraint = json_constraint(schema_field(body["json_schema"], "json_schema"), "json_schema") \
+        if body.get("json_schema") is not None else None
+    return GenerationRequest(messages=with_constraint_instructions(messages, constraint), constraint=constraint,
+                             **sampling_fields(body, cfg))
 
 
 # -- OpenAI chat completions --------------------------------------------------------------
@@ -1063,9 +1068,7 @@ OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assi
 
 # Fields that would change the answer's meaning if silently ignored: name -> "is this value unsupported?"
 CHAT_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
-    "tools": lambda v: bool(v), "functions": lambda v: bool(v),
-    "tool_choice": lambda v: v not in (None, "none"), "function_call": lambda v: v not in (None, "none"),
-    "response_format": lambda v: not (isinstance(v, dict) and v.get("type") == "text"),
+    "functions": lambda v: bool(v), "function_call": lambda v: v not in (None, "none"),
     "logprobs": lambda v: v is not False, "top_logprobs": lambda v: bool(v), "logit_bias": lambda v: bool(v),
     "frequency_penalty": lambda v: v != 0, "presence_penalty": lambda v: v != 0,
     "audio": lambda v: True, "prediction": lambda v: True,
@@ -1193,10 +1196,15 @@ def openai_message(index: int, message, cfg: Config, field: str = "messages",
     if not isinstance(message, dict):
         raise InputError(f"{where} must be an object", param=where, code="invalid_type")
     role = message.get("role")
+    if role == "tool" and field == "messages":
+        return tool_result_message(message, where)
     if role not in OPENAI_ROLES:
-        raise InputError(f"{where}.role must be one of system, developer, user, assistant (got {role!r})",
-                         param=f"{where}.role", code="invalid_value")
+        raise InputError(f"{where}.role must be one of system, developer, user, assistant{', tool' * (field == 'messages')}"
+                         f" (got {role!r})", param=f"{where}.role", code="invalid_value")
     content = message.get("content")
+    if role == "assistant" and message.get("tool_calls") and field == "messages":
+        text = openai_message(index, {"role": "assistant", "content": content}, cfg, field, parts).text
+        return Message("assistant", "\n".join(t for t in (text, rendered_tool_calls(message["tool_calls"], where)) if t))
     if isinstance(content, str):
         return Message(OPENAI_ROLES[role], content)
     if content is None and role == "assistant":
@@ -1238,8 +1246,9 @@ def openai_request(body: Mapping, cfg: Config) -> GenerationRequest:
         raise InputError("'messages' needs at least one user message", param="messages", code="invalid_value")
     if field_str(body, "model") is None and "model" in body:
         raise InputError("'model' must be a string", param="model", code="invalid_type")
-    return GenerationRequest(messages=with_system_prompt(parsed, cfg), stop=openai_stop(body.get("stop")),
-                             **sampling_fields(body, cfg))
+    constraint = chat_constraint(body)
+    return GenerationRequest(messages=with_constraint_instructions(with_system_prompt(parsed, cfg), constraint),
+                             stop=openai_stop(body.get("stop")), constraint=constraint, **sampling_fields(body, cfg))
 
 
 def stream_options(body: Mapping, streaming: bool) -> bool:
@@ -1256,6 +1265,207 @@ def stream_options(body: Mapping, streaming: bool) -> bool:
     return options.get("include_usage", False)
 
 
+# -- structured output: JSON schemas and tool calls -------------------------------------------
+# Every API's way of asking for JSON (chat `response_format`, Responses `text.format`, Ollama
+# `format`, the seed route's and the MCP tool's `json_schema`) and chat `tools` become one
+# Constraint: a grammar for llguidance (a grammar engine built for byte-level BPE vocabularies).
+# Section 4 applies it as a token mask before every sample, so the answer always parses; the
+# prompt also tells the model what is wanted (a 3 B model fills a schema better when it sees it).
+
+MAX_SCHEMA_BYTES = 64 * 1024
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}  # compact, one layout
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What the answer must be: `grammar` (llguidance's), and how to read and describe it."""
+
+    kind: str  # "json": one JSON value | "tool": a <tool_call>{"name", "arguments"}</tool_call> (or text if auto)
+    grammar: str
+    schema: dict | None = None  # the JSON schema ("json"), for the prompt
+    tools: tuple[dict, ...] = ()  # ({"name", "description", "parameters"}, ...) ("tool")
+    choice: str = "auto"  # "auto" (text or a call), "required" (some call), or a function's name
+    fields: tuple[tuple[str, Any], ...] = ()  # the request's own fields, for an OpenAI-compatible upstream
+
+
+def schema_field(value, param: str) -> dict:
+    """A JSON schema object of bounded size (an oversized one is refused before any compiling)."""
+    if not isinstance(value, dict):
+        raise InputError(f"'{param}' must be a JSON schema object", param=param, code="invalid_type")
+    size = len(json.dumps(value))
+    if size > MAX_SCHEMA_BYTES:
+        raise InputError(f"'{param}' is {size} bytes of JSON schema; at most {MAX_SCHEMA_BYTES} are accepted",
+                         param=param, code="schema_too_large")
+    return value
+
+
+def closed_objects(schema):
+    """Objects that list their properties get additionalProperties: false unless they say otherwise
+    (xgrammar's strict default): guided decoding must not invent keys the schema never named."""
+    if isinstance(schema, list):
+        return [closed_objects(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: (value if key in ("enum", "const", "default", "examples") else closed_objects(value))
+           for key, value in schema.items()}
+    if isinstance(out.get("properties"), dict) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+def json_grammar(schema: dict, param: str) -> str:
+    from llguidance import LLMatcher
+
+    try:
+        return LLMatcher.grammar_from_json_schema(closed_objects(schema), overrides=JSON_STYLE)
+    except ValueError as exc:
+        raise InputError(f"'{param}' is not a usable JSON schema: {exc}", param=param, code="invalid_schema") from None
+
+
+def json_constraint(schema: dict, param: str, fields: tuple = ()) -> Constraint:
+    return Constraint("json", json_grammar(schema, param), schema=schema, fields=fields)
+
+
+def response_format_constraint(value, param: str = "response_format", fields: tuple = ()) -> Constraint | None:
+    """OpenAI's {"type": "text" | "json_object" | "json_schema", "json_schema": {"name", "schema", "strict"}}
+    (the Responses API's text.format has the schema fields at the top level)."""
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json_constraint({"type": "object"}, param, fields)
+    if kind == "json_schema":
+        spec = value.get("json_schema", value)  # chat nests it, Responses does not
+        if not isinstance(spec, dict) or "schema" not in spec:
+            raise InputError(f"'{param}' of type json_schema needs a 'schema' object", param=param,
+                             code="invalid_value")
+        return json_constraint(schema_field(spec["schema"], f"{param}.schema"), f"{param}.schema", fields)
+    raise InputError(f"'{param}' type must be text, json_object or json_schema (got {kind!r})", param=param,
+                     code="invalid_value")
+
+
+def tool_specs(tools) -> tuple[dict, ...]:
+    """Chat `tools` -> ({"name", "description", "parameters"}, ...), checked."""
+    if not isinstance(tools, list) or not tools:
+        raise InputError("'tools' must be a non-empty list of function tools", param="tools", code="invalid_value")
+    specs, names = [], set()
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name) or name in names:
+            raise InputError(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}} with a "
+                             "unique name of letters, digits, _ . - (at most 64)", param=f"tools[{i}]",
+                             code="invalid_value")
+        parameters = function.get("parameters", {"type": "object", "properties": {}})
+        names.add(name)
+        specs.append({"name": name, "description": str(function.get("description") or ""),
+                      "parameters": schema_field(parameters, f"tools[{i}].function.parameters")})
+    return tuple(specs)
+
+
+def tool_constraint(body: Mapping) -> Constraint | None:
+    """`tools` with `tool_choice`: a named function or "required" force a valid call; "auto" lets the
+    model answer in text (not starting with '<') or with a valid call; "none" ignores the tools."""
+    choice = body.get("tool_choice", "auto")
+    if isinstance(choice, dict):
+        named = choice.get("function", {}).get("name") if choice.get("type") == "function" and \
+            isinstance(choice.get("function"), dict) else None
+        if not isinstance(named, str):
+            raise InputError("'tool_choice' must be none, auto, required or {\"type\": \"function\", \"function\": "
+                             "{\"name\": ...}}", param="tool_choice", code="invalid_value")
+        choice = named
+    elif choice not in ("none", "auto", "required"):
+        raise InputError("'tool_choice' must be none, auto, required or a function", param="tool_choice",
+                         code="invalid_value")
+    if choice == "none" or body.get("tools") is None:
+        return None
+    specs = tool_specs(body["tools"])
+    chosen = [t for t in specs if choice in ("auto", "required") or t["name"] == choice]
+    if not chosen:
+        raise InputError(f"tool_choice names {choice!r}, which is not among the tools", param="tool_choice",
+                         code="invalid_value")
+    calls = {"anyOf": [{"type": "object", "properties": {"name": {"const": t["name"]}, "arguments": t["parameters"]},
+                        "required": ["name", "arguments"]} for t in chosen]}
+    call = "%json " + json.dumps(closed_objects(calls) | {"x-guidance": JSON_STYLE})
+    start = f'"{TOOL_CALL_OPEN}" call "{TOOL_CALL_CLOSE}"'
+    if choice == "auto":  # free text may not start with '<', so an answer starting with it is a checked call
+        lark = f"start: TEXT | {start}\nTEXT: /[^<](?s:.)*/\ncall: {call}\n"
+    else:
+        lark = f"start: {start}\ncall: {call}\n"
+    from llguidance import LLMatcher
+
+    fields = tuple((k, body[k]) for k in ("tools", "tool_choice") if k in body)
+    return Constraint("tool", LLMatcher.grammar_from_lark(lark), tools=specs, choice=choice, fields=fields)
+
+
+def chat_constraint(body: Mapping) -> Constraint | None:
+    fmt = response_format_constraint(body.get("response_format"),
+                                     fields=(("response_format", body.get("response_format")),))
+    tools = tool_constraint(body)
+    if fmt is not None and tools is not None:
+        raise InputError("send either 'tools' or a JSON 'response_format', not both", param="response_format",
+                         code="unsupported_parameter")
+    return fmt or tools
+
+
+def with_constraint_instructions(messages: list[Message], c: Constraint | None) -> list[Message]:
+    """Say in the system prompt what the grammar will enforce anyway (schema, tools, call format)."""
+    if c is None:
+        return messages
+    if c.kind == "json":
+        text = ("Answer with JSON only." if c.schema == {"type": "object"} else
+                "Answer with JSON only, valid against this JSON schema:\n" + json.dumps(c.schema, ensure_ascii=False))
+    else:
+        listed = "\n".join(f"- {t['name']}: {t['description']} Arguments (JSON schema): "
+                           f"{json.dumps(t['parameters'], ensure_ascii=False)}" for t in c.tools)
+        how = (f'To call a function, answer with only {TOOL_CALL_OPEN}{{"name": "<function name>", "arguments": '
+               f'{{<arguments>}}}}{TOOL_CALL_CLOSE}.')
+        when = {"auto": " Call a function only when it helps; otherwise answer in text.",
+                "required": " You must call one of the functions."}.get(c.choice, f" You must call {c.choice}.")
+        text = f"You can call these functions:\n{listed}\n{how}{when} Function results come back as " \
+               f"<tool_response> messages."
+    if messages and messages[0].role == "system":
+        return [Message("system", f"{messages[0].text}\n\n{text}" if messages[0].text else text,
+                        messages[0].images), *messages[1:]]
+    return [Message("system", text), *messages]
+
+
+def rendered_tool_calls(calls, where: str) -> str:
+    """An assistant turn's tool_calls in the prompt, as the model is told to write them."""
+    if not isinstance(calls, list):
+        raise InputError(f"{where}.tool_calls must be a list", param=f"{where}.tool_calls", code="invalid_type")
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise InputError(f"{where}.tool_calls[{j}] must be a function call with a name",
+                             param=f"{where}.tool_calls[{j}]", code="invalid_value")
+        arguments = function.get("arguments", "{}")
+        try:
+            arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+        except ValueError:
+            pass  # kept as the string the client sent
+        out.append(TOOL_CALL_OPEN + json.dumps({"name": function["name"], "arguments": arguments},
+                                               ensure_ascii=False) + TOOL_CALL_CLOSE)
+    return "\n".join(out)
+
+
+def tool_result_message(message: dict, where: str) -> Message:
+    """role "tool" (a function's result) -> a user turn <tool_response>{"tool_call_id", "content"}</tool_response>
+    (the documented plain format: the HCX chat templates know no tool role)."""
+    content = message.get("content")
+    if isinstance(content, list):
+        content = "\n".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    if not isinstance(content, str):
+        raise InputError(f"{where}.content of a tool message must be a string or text parts", param=f"{where}.content",
+                         code="invalid_type")
+    payload = {"tool_call_id": message.get("tool_call_id"), "content": content}
+    return Message("user", f"<tool_response>{json.dumps(payload, ensure_ascii=False)}</tool_response>")
+
+
 # -- OpenAI Responses API (/v1/responses) -----------------------------------------------------
 
 RESPONSES_PARTS = {"input_text": "text", "output_text": "text", "input_image": "image"}
@@ -1263,7 +1473,8 @@ NO_STORED_STATE = (": this server stores no responses (only the text of its rece
                    "so send the whole conversation in 'input' (and store=false, or leave store out)")
 RESPONSES_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "tools": lambda v: bool(v), "tool_choice": lambda v: v not in ("none", "auto"),
-    "text": lambda v: not (isinstance(v, dict) and v.get("format") in (None, {"type": "text"})),
+    "text": lambda v: not isinstance(v, dict) or set(v) - {"format", "verbosity"} or
+    v.get("verbosity") not in (None, "medium"),
     "reasoning": lambda v: not isinstance(v, dict) or any(x not in (None, "none") for x in v.values()),
     "include": lambda v: bool(v), "top_logprobs": lambda v: bool(v), "background": lambda v: v is not False,
     "truncation": lambda v: v != "disabled", "prompt": lambda v: True,
@@ -1313,7 +1524,10 @@ def responses_request(body: Mapping, cfg: Config,
         raise InputError("'input' needs at least one user message", param="input", code="invalid_value")
     if field_str(body, "model") is None and "model" in body:
         raise InputError("'model' must be a string", param="model", code="invalid_type")
-    return GenerationRequest(messages=with_system_prompt(messages, cfg), stop=openai_stop(body.get("stop")),
+    text = body.get("text") or {}
+    constraint = response_format_constraint(text.get("format"), "text.format", (("text", text),))
+    return GenerationRequest(messages=with_constraint_instructions(with_system_prompt(messages, cfg), constraint),
+                             stop=openai_stop(body.get("stop")), constraint=constraint,
                              **sampling_fields(body, cfg, max_names=("max_output_tokens",)))
 
 
@@ -1325,13 +1539,12 @@ OLLAMA_RUNTIME_OPTIONS = frozenset({"num_ctx", "num_batch", "num_gpu", "main_gpu
                                     "numa", "use_mmap", "use_mlock", "num_keep", "vocab_only", "f16_kv",
                                     "logits_all", "embedding_only"})
 OLLAMA_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
-    "tools": lambda v: bool(v), "format": lambda v: bool(v), "think": lambda v: v is not False,
+    "tools": lambda v: bool(v), "think": lambda v: v is not False,
     "suffix": lambda v: bool(v), "template": lambda v: bool(v), "context": lambda v: bool(v),
     "raw": lambda v: v is not False,
 }
 OLLAMA_HINTS = {"raw": ": the model's chat template is always applied", "think": ": this model does not think",
-                "context": ": send the conversation as /api/chat messages",
-                "format": ": structured output is not available"}
+                "context": ": send the conversation as /api/chat messages"}
 
 
 def ollama_sampling(body: Mapping, cfg: Config) -> dict[str, Any]:
@@ -1407,7 +1620,7 @@ def ollama_chat_request(body: Mapping, cfg: Config) -> GenerationRequest | None:
     parsed = [ollama_message(i, m, cfg) for i, m in enumerate(messages)]
     if not any(m.role == "user" for m in parsed):
         raise InputError("'messages' needs at least one user message", param="messages", code="invalid_value")
-    return GenerationRequest(messages=with_system_prompt(parsed, cfg), **sampling)
+    return ollama_with_format(body, with_system_prompt(parsed, cfg), sampling)
 
 
 def ollama_generate_request(body: Mapping, cfg: Config) -> GenerationRequest | None:
@@ -1421,7 +1634,23 @@ def ollama_generate_request(body: Mapping, cfg: Config) -> GenerationRequest | N
         return None
     system = field_str(body, "system")
     messages = ([Message("system", system)] if system else []) + [Message("user", prompt, images)]
-    return GenerationRequest(messages=with_system_prompt(messages, cfg), **sampling)
+    return ollama_with_format(body, with_system_prompt(messages, cfg), sampling)
+
+
+def ollama_with_format(body: Mapping, messages: list[Message], sampling: dict) -> GenerationRequest:
+    """Ollama's structured output: `format` "json" (any JSON object) or a JSON schema."""
+    value = body.get("format")
+    if value in (None, ""):
+        constraint = None
+    elif value == "json":
+        constraint = json_constraint({"type": "object"}, "format", (("response_format", {"type": "json_object"}),))
+    elif isinstance(value, dict):
+        constraint = json_constraint(schema_field(value, "format"), "format", (("response_format", {
+            "type": "json_schema", "json_schema": {"name": "format", "schema": value}}),))
+    else:
+        raise InputError("'format' must be \"json\" or a JSON schema object", param="format", code="invalid_value")
+    return GenerationRequest(messages=with_constraint_instructions(messages, constraint), constraint=constraint,
+                             **sampling)
 
 
 # -- from a request to model tensors ----------------------------------------------------
@@ -1616,6 +1845,7 @@ class Job:
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
+    ended: str | None = None  # why our decode loop stopped: stop, length, cancelled, grammar
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -1743,13 +1973,80 @@ def request_generator(seed: int | None, device: torch.device) -> torch.Generator
     return gen
 
 
+class Guide:
+    """A request's grammar (llguidance's matcher): masks the logits before each sample, then takes
+    the sampled token; a token the grammar refuses is a fault, never silently kept."""
+
+    def __init__(self, m: LoadedModel, constraint: Constraint):
+        from llguidance import LLMatcher
+
+        tokenizer = grammar_tokenizer(m)
+        self.matcher = LLMatcher(tokenizer, constraint.grammar)
+        if self.matcher.is_error():
+            raise GenerationError(f"the answer's grammar failed: {self.matcher.get_error()}")
+        self.vocab = tokenizer.vocab_size
+        self.bitmask = torch.full(((self.vocab + 31) // 32,), -1, dtype=torch.int32)
+        self.shifts = torch.arange(32, dtype=torch.int32)
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        self.matcher.unsafe_compute_mask_ptr(self.bitmask.data_ptr(), self.bitmask.numel() * 4)
+        allowed = ((self.bitmask.unsqueeze(-1) >> self.shifts) & 1).reshape(-1)[:self.vocab].bool()
+        width = logits.shape[-1]
+        if width > self.vocab:  # logits past the tokenizer's vocabulary are never allowed
+            allowed = torch.cat([allowed, allowed.new_zeros(width - self.vocab)])
+        return logits.masked_fill(~allowed[:width].to(logits.device), float("-inf"))
+
+    def advance(self, token_id: int) -> bool:
+        """Take the sampled token; True once the grammar is complete (nothing may follow)."""
+        if not self.matcher.consume_token(token_id):
+            raise GenerationError(f"the answer's grammar refused token {token_id}: {self.matcher.get_error()}")
+        return self.matcher.is_stopped()
+
+
+_grammar_lock = threading.Lock()
+
+
+def grammar_tokenizer(m: LoadedModel):
+    """llguidance's view of the vocabulary (built once per model, ~1 s for 110 k tokens): the
+    decoder's full logit width, the stop ids as end-of-sequence."""
+    with _grammar_lock:
+        if m.grammar_tokenizer is None:
+            import llguidance.hf
+
+            width = m.decoder.get_output_embeddings().weight.shape[0] if m.decoder is not None else len(m.tokenizer)
+            try:
+                m.grammar_tokenizer = llguidance.hf.from_tokenizer(m.tokenizer, n_vocab=max(width, len(m.tokenizer)),
+                                                                   eos_token=list(m.stop_token_ids))
+            except ValueError as exc:
+                raise InputError(f"structured output needs a fast (Rust) tokenizer: {exc}",
+                                 code="structured_output_unsupported") from None
+        return m.grammar_tokenizer
+
+
+def check_constraint(m: LoadedModel, c: Constraint) -> None:
+    """Before queueing: a grammar llguidance cannot compile for this vocabulary is the client's 400."""
+    from llguidance import LLMatcher
+
+    if m.generation_backend == "hf":
+        raise InputError("structured output (response_format / tools / json_schema) needs the server's own decode "
+                         "loop; this model runs on model.generate (GENERATION_BACKEND=hf)",
+                         code="structured_output_unsupported")
+    error = LLMatcher.validate_grammar(c.grammar, grammar_tokenizer(m))
+    if error:
+        what = "JSON schema" if c.kind == "json" else "tool definitions"
+        raise InputError(f"the {what} cannot be compiled into a grammar: {' '.join(error.split())[:400]}",
+                         code="invalid_schema", param="response_format" if c.kind == "json" else "tools")
+
+
 def generate_tokens(m: LoadedModel, inputs: ModelInputs, req: GenerationRequest, max_new_tokens: int,
                     cancelled: threading.Event | None = None) -> Iterator[int]:
-    """Token ids as they are sampled, ending after a stop id, max_new_tokens or cancel (checked
-    before every step); stop ids are masked until min_tokens are out."""
+    """Token ids as they are sampled, ending after a stop id, max_new_tokens, cancel (checked before
+    every step) or a finished grammar; returns why it ended ("stop", "length", "cancelled",
+    "grammar"). Stop ids are masked until min_tokens are out; a grammar masks every step."""
     gen = request_generator(req.seed, m.device)
     stops = set(m.stop_token_ids)
     blocked = torch.tensor(sorted(stops), dtype=torch.long, device=m.device) if stops else None
+    guide = Guide(m, req.constraint) if req.constraint is not None else None
     with torch.inference_mode():
         cache, step = new_cache(m, inputs.prompt_tokens + max_new_tokens)
         logits, length = prefill(m, inputs, cache)
@@ -1760,16 +2057,23 @@ def generate_tokens(m: LoadedModel, inputs: ModelInputs, req: GenerationRequest,
         position = torch.empty((1,), dtype=torch.long, device=m.device)
         for n in range(max_new_tokens):
             if cancelled is not None and cancelled.is_set():
-                return
-            if n < req.min_new_tokens and blocked is not None:
+                return "cancelled"
+            if guide is not None:
+                logits = guide.mask(logits)  # the grammar decides where the answer may end
+            elif n < req.min_new_tokens and blocked is not None:
                 logits = logits.index_fill(-1, blocked, float("-inf"))
             next_id = sample(logits, req.temperature, req.top_p, gen)
             yield next_id
-            if next_id in stops or n + 1 == max_new_tokens:
-                return
+            if next_id in stops:
+                return "stop"
+            if guide is not None and guide.advance(next_id):
+                return "grammar"
+            if n + 1 == max_new_tokens:
+                return "length"
             token.fill_(next_id)
             position.fill_(length + n)
             logits = step(m, cache, token, position)
+    return "length"
 
 
 def run_generation(m: LoadedModel, job: Job) -> int:
@@ -1777,8 +2081,14 @@ def run_generation(m: LoadedModel, job: Job) -> int:
     if m.generation_backend == "hf":
         return run_hf(m, job)
     count = 0
+    tokens = generate_tokens(m, job.inputs, job.request, job.max_new_tokens, job.cancelled)
     try:
-        for token_id in generate_tokens(m, job.inputs, job.request, job.max_new_tokens, job.cancelled):
+        while True:
+            try:
+                token_id = next(tokens)
+            except StopIteration as end:
+                job.ended = end.value
+                break
             job.events.put(("token", token_id))
             count += 1
     except LoopUnsupported as exc:
@@ -2275,6 +2585,8 @@ class Engine:
         if req.image_count > self.cfg.max_images:
             raise InputError(f"{req.image_count} images sent; at most MAX_IMAGES={self.cfg.max_images} "
                              "per request", code="too_many_images", param="messages")
+        if req.constraint is not None:
+            check_constraint(m, req.constraint)
         inputs = build_inputs(m, req)
         job = Job(req, inputs, fit_to_context(m, req, inputs.prompt_tokens))
         try:
@@ -2410,7 +2722,7 @@ class TextStream:
             tail = "" if stops.hit else stops.feed(detok.flush()) + ("" if stops.hit else stops.flush())
             if tail:
                 yield tail
-            if stopped_on_token or stops.hit:
+            if stopped_on_token or stops.hit or job.ended == "grammar":
                 finish = "stop"
             elif job.cancelled.is_set():
                 finish = "cancelled"
@@ -2637,37 +2949,103 @@ def usage(c: Completion) -> dict:
             "total_tokens": c.prompt_tokens + c.completion_tokens}
 
 
-def chat_completion(c: Completion, completion_id: str, created: int, model: str) -> dict:
+INCOMPLETE_JSON = "max_tokens was reached before the structured answer (JSON) was complete"
+TOOL_CALL_TEXT = re.compile(re.escape(TOOL_CALL_OPEN) + r'\{"name": "(?P<name>[A-Za-z0-9_.-]+)", "arguments": '
+                            r"(?P<arguments>.*)\}" + re.escape(TOOL_CALL_CLOSE), re.DOTALL)
+
+
+def tool_call_of(text: str) -> dict | None:
+    """An answer that is a <tool_call> (the grammar's fixed layout) as an OpenAI tool call, else None."""
+    match = TOOL_CALL_TEXT.fullmatch(text)
+    if match is None:
+        return None
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": match["name"], "arguments": match["arguments"]}}
+
+
+def chat_completion(c: Completion, completion_id: str, created: int, model: str,
+                    constraint: Constraint | None = None) -> dict:
+    message: dict[str, Any] = {"role": "assistant", "content": c.text}
+    choice: dict[str, Any] = {"index": 0, "message": message, "logprobs": None,
+                              "finish_reason": FINISH_REASONS[c.finish_reason]}
+    call = tool_call_of(c.text) if constraint is not None and constraint.kind == "tool" else None
+    if call is not None:
+        message.update(content=None, tool_calls=[call])
+        choice["finish_reason"] = "tool_calls"
+    elif constraint is not None and c.finish_reason == "length":
+        choice["incomplete"] = INCOMPLETE_JSON  # beside finish_reason "length": the JSON does not parse
     return {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
-                         "logprobs": None, "finish_reason": FINISH_REASONS[c.finish_reason]}],
-            "usage": usage(c), "system_fingerprint": None}
+            "choices": [choice], "usage": usage(c), "system_fingerprint": None}
 
 
 def sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def chat_completion_chunks(pieces: TextStream, completion_id: str, created: int, model: str,
-                           include_usage: bool, access: dict | None) -> Iterator[str]:
-    """SSE: role first, content deltas as tokens arrive, finish_reason, usage if asked, [DONE]."""
+def chat_deltas(pieces: Iterator[str], tools: bool) -> Iterator[dict]:
+    """Content deltas; for a tool request, an answer that is a <tool_call> becomes tool_calls deltas
+    instead: the call's id and name once its prefix is out, then its arguments as they come."""
+    if not tools:
+        for piece in pieces:
+            yield {"content": piece}
+        return
+    held, head, emitted = "", None, 0
+    tail = len("}" + TOOL_CALL_CLOSE)
+    for piece in pieces:
+        held += piece
+        if head is None:
+            if not TOOL_CALL_OPEN.startswith(held[:len(TOOL_CALL_OPEN)]):
+                yield {"content": held}  # a text answer (auto): passed through as it comes
+                held, head = "", False
+                continue
+            match = re.match(re.escape(TOOL_CALL_OPEN) + r'\{"name": "([A-Za-z0-9_.-]+)", "arguments": ', held)
+            if match is None:
+                continue
+            head = match.end()
+            yield {"tool_calls": [{"index": 0, "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                                   "function": {"name": match[1], "arguments": ""}}]}
+            emitted = head
+        elif head is False:
+            yield {"content": held}
+            held = ""
+            continue
+        if head and len(held) - tail > emitted:  # arguments so far, holding back what may be the closing
+            yield {"tool_calls": [{"index": 0, "function": {"arguments": held[emitted:len(held) - tail]}}]}
+            emitted = len(held) - tail
+    if head is None and held:
+        yield {"content": held}
+    elif head:
+        rest = held[emitted:]
+        rest = rest[:-tail] if rest.endswith("}" + TOOL_CALL_CLOSE) else rest
+        if rest:
+            yield {"tool_calls": [{"index": 0, "function": {"arguments": rest}}]}
+
+
+def chat_completion_chunks(pieces: TextStream, completion_id: str, created: int, model: str, include_usage: bool,
+                           access: dict | None, constraint: Constraint | None = None) -> Iterator[str]:
+    """SSE: role first, content (or tool_calls) deltas as tokens arrive, finish_reason, usage if asked, [DONE]."""
 
     def chunk(delta: dict, finish: str | None = None, **extra) -> str:
-        choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+        choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish, **extra}]
         return sse({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": choices, **({"usage": None} if include_usage else {}), **extra})
+                    "choices": choices, **({"usage": None} if include_usage else {})})
 
+    called = False
     try:
         yield chunk({"role": "assistant", "content": ""})
-        for piece in pieces:
-            yield chunk({"content": piece})
+        for delta in chat_deltas(pieces, constraint is not None and constraint.kind == "tool"):
+            called = called or "tool_calls" in delta
+            yield chunk(delta)
     except GenerationError as exc:
         yield sse(openai_error(500, str(exc), code="generation_failed"))
         return
     finally:
         record_completion(access, pieces.completion)
     c = pieces.completion
-    yield chunk({}, FINISH_REASONS[c.finish_reason])
+    finish = FINISH_REASONS[c.finish_reason]
+    incomplete = constraint is not None and finish == "length"
+    yield chunk({}, "tool_calls" if called and not incomplete else finish,
+                **({"incomplete": INCOMPLETE_JSON} if incomplete else {}))
     if include_usage:
         yield sse({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
                    "choices": [], "usage": usage(c)})
@@ -2945,6 +3323,8 @@ def tool_definition(cfg: Config, stdio: bool) -> dict:
         "temperature": {"type": "number", "minimum": 0, "maximum": 2, "description": "0 = greedy (default 0.5)."},
         "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "description": "Default 0.6."},
         "seed": {"type": "integer", "description": "Fix sampling for a reproducible answer."},
+        "json_schema": {"type": "object", "description": "Optional JSON schema: the answer is then JSON valid "
+                                                         "against it (constrained decoding)."},
     }
     if stdio:
         properties["image_path"] = {"type": "string", "description": "Optional image file on this machine."}
@@ -3119,7 +3499,15 @@ class McpServer:
         if pieces.completion.finish_reason == "cancelled":
             yield jsonrpc_error(msg_id, -32800, "request cancelled")
             return
-        yield {"jsonrpc": "2.0", "id": msg_id, "result": tool_result("".join(text))}
+        answer = "".join(text)
+        if pieces.job.request.constraint is None:
+            yield {"jsonrpc": "2.0", "id": msg_id, "result": tool_result(answer)}
+        elif pieces.completion.finish_reason == "length":
+            yield {"jsonrpc": "2.0", "id": msg_id, "result": tool_result(f"{INCOMPLETE_JSON}: {answer}", True)}
+        else:  # the JSON the schema asked for; an object is also the result's structured content
+            value = json.loads(answer)
+            structured = {"structuredContent": value} if isinstance(value, dict) else {}
+            yield {"jsonrpc": "2.0", "id": msg_id, "result": {**tool_result(answer), **structured}}
 
 
 def mcp_http(mcp: McpServer) -> Response:
@@ -3383,6 +3771,8 @@ def register_routes(app: Flask, engine: Engine) -> None:
             return text_stream_response(stream(engine, req, client_gone_check()))
         completion = generate(engine, req, client_gone_check())
         record_completion(g.get("access"), completion)
+        if req.constraint is not None and completion.finish_reason == "length":
+            return jsonify(result=completion.text, incomplete=INCOMPLETE_JSON)
         return jsonify(result=completion.text)
 
     @app.post("/tool/generate_hyperclovax_vision_stream")
@@ -3402,11 +3792,11 @@ def register_routes(app: Flask, engine: Engine) -> None:
         if streaming:
             pieces = stream(engine, req, client_gone_check())
             events = chat_completion_chunks(pieces, completion_id, created, cfg.served_model_name, include_usage,
-                                            g.get("access"))
+                                            g.get("access"), req.constraint)
             return streaming_response(events, "text/event-stream", pieces)
         completion = generate(engine, req, client_gone_check())
         record_completion(g.get("access"), completion)
-        return jsonify(chat_completion(completion, completion_id, created, cfg.served_model_name))
+        return jsonify(chat_completion(completion, completion_id, created, cfg.served_model_name, req.constraint))
 
     @app.post("/v1/responses")
     def responses():
