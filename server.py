@@ -2220,9 +2220,7 @@ def new_token_ids(out, prompt_ids: torch.Tensor) -> list[int]:
 
 
 def compare_with_hf(m: LoadedModel, req: GenerationRequest) -> tuple[bool, str]:
-    """Greedy tokens of our loop vs model.generate on one request (selfcheck and bench): agreement
-    when identical, or when they first differ at a near-tie -- our pick and generate's within 2 %
-    of the logit scale at that step (bf16 rounding can flip such ties; a real bug does not)."""
+    """Greedy tokens of our loop vs model.generate on one request (selfcheck and bench)."""
     if m.generation_backend == "hf":
         return True, "skipped: this model runs on model.generate (GENERATION_BACKEND=hf)"
     inputs = build_inputs(m, req)
@@ -2230,23 +2228,38 @@ def compare_with_hf(m: LoadedModel, req: GenerationRequest) -> tuple[bool, str]:
     ours = list(generate_tokens(m, inputs, req, n))
     job = Job(req, inputs, n)
     run_hf(m, job)
-    theirs = drain_tokens(job)
-    if ours == theirs:
-        return True, f"{len(ours)} greedy tokens identical"
-    step = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
-    if step >= min(len(ours), len(theirs)):
-        return False, f"identical for {step} tokens, then one side stopped ({len(ours)} vs {len(theirs)} tokens)"
-    with torch.inference_mode():  # teacher-forced: our logits after the shared prefix
-        cache, _ = new_cache(m, inputs.prompt_tokens + step + 1)
+    return near_tie(m, inputs, ours, drain_tokens(job))
+
+
+def near_tie(m: LoadedModel, inputs: ModelInputs, ref: list[int], got: list[int]) -> tuple[bool, str]:
+    """Two greedy answers agree when identical, or when they first differ at a near-tie: under our
+    logits after the shared prefix, the two picks are within 2 % of the logit scale (bf16 rounding
+    or another kernel's summation order can flip such ties; a real bug does not)."""
+    step = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), min(len(ref), len(got)))
+    if ref == got:
+        return True, f"{len(ref)} greedy tokens identical"
+    if step >= min(len(ref), len(got)):
+        return False, f"identical for {step} tokens, then one side stopped ({len(ref)} vs {len(got)} tokens)"
+    logits = teacher_forced_logits(m, inputs, ref[:step])[-1]
+    margin, scale = float(logits[ref[step]] - logits[got[step]]), float(logits.abs().max())
+    near = abs(margin) <= 0.02 * scale
+    return near, (f"identical for {step} of {len(ref)} tokens, then {'a near-tie' if near else 'NOT a near-tie'} "
+                  f"(logit margin {margin:.4f} at scale {scale:.2f})")
+
+
+def teacher_forced_logits(m: LoadedModel, inputs: ModelInputs, ids: list[int]) -> torch.Tensor:
+    """Our logits (fp32, on the CPU) after the prompt and after each of `ids` fed in turn:
+    (len(ids) + 1, vocab)."""
+    rows = []
+    with torch.inference_mode():
+        cache, _ = new_cache(m, inputs.prompt_tokens + len(ids) + 1)
         logits, length = prefill(m, inputs, cache)
-        for i, token_id in enumerate(ours[:step]):
+        rows.append(logits.reshape(-1).float().cpu())
+        for i, token_id in enumerate(ids):
             logits = decode_one_token(m, cache, torch.tensor([[token_id]], device=m.device),
                                       torch.tensor([length + i], device=m.device))
-    logits = logits.reshape(-1).float()
-    margin, scale = float(logits[ours[step]] - logits[theirs[step]]), float(logits.abs().max())
-    near = abs(margin) <= 0.02 * scale
-    return near, (f"identical for {step} of {len(ours)} tokens, then {'a near-tie' if near else 'NOT a near-tie'} "
-                  f"(logit margin {margin:.4f} at scale {scale:.2f})")
+            rows.append(logits.reshape(-1).float().cpu())
+    return torch.stack(rows)
 
 
 def drain_tokens(job: Job) -> list[int]:

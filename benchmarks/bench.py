@@ -590,45 +590,6 @@ def _use_backend(m, backend: str, loaded: str) -> None:
     m.generation_backend = backend
 
 
-def _near_tie(m, req, ref: list[int], got: list[int]) -> tuple[bool, str]:
-    """Where greedy ids first differ, the reference side's own logits after the shared prefix:
-    the two picks must be within 2 % of the logit scale (rounding flips such ties; bugs do not)."""
-    import torch
-
-    step = next((i for i, (x, y) in enumerate(zip(ref, got)) if x != y), None)
-    if step is None:
-        return ref == got, f"identical {len(ref)} greedy tokens" if ref == got else "one side stopped early"
-    inputs = server.build_inputs(m, req)
-    with torch.inference_mode():
-        cache, _ = server.new_cache(m, inputs.prompt_tokens + step + 1)
-        logits, length = server.prefill(m, inputs, cache)
-        for i, token_id in enumerate(ref[:step]):
-            logits = server.decode_one_token(m, cache, torch.tensor([[token_id]], device=m.device),
-                                             torch.tensor([length + i], device=m.device))
-    logits = logits.reshape(-1).float()
-    margin, scale = float(logits[ref[step]] - logits[got[step]]), float(logits.abs().max())
-    ok = abs(margin) <= 0.02 * scale
-    return ok, (f"identical {step}/{len(ref)} greedy tokens, then {'a near-tie' if ok else 'NOT a near-tie'} "
-                f"(margin {margin:.4f} at logit scale {scale:.2f})")
-
-
-def _teacher_forced_logits(m, req, ids: list[int]):
-    """This model's logits at every step of a given greedy answer (for int8 vs bf16 errors)."""
-    import torch
-
-    inputs = server.build_inputs(m, req)
-    out = []
-    with torch.inference_mode():
-        cache, _ = server.new_cache(m, inputs.prompt_tokens + len(ids) + 1)
-        logits, length = server.prefill(m, inputs, cache)
-        out.append(logits.reshape(-1).float().cpu())
-        for i, token_id in enumerate(ids[:-1]):
-            logits = server.decode_one_token(m, cache, torch.tensor([[token_id]], device=m.device),
-                                             torch.tensor([length + i], device=m.device))
-            out.append(logits.reshape(-1).float().cpu())
-    return torch.stack(out)
-
-
 def bench_full_child() -> None:
     """One --full configuration in a fresh process: argv[1] is a JSON job; the last stdout line is
     the JSON result."""
@@ -687,17 +648,17 @@ def bench_full_child() -> None:
             continue
         _use_backend(m, loaded, loaded)
         torch.set_num_threads(threads)
-        ok, verdict = _near_tie(m, _full_request(cfg, False, tokens), reference, got)
+        ok, verdict = server.near_tie(m, server.build_inputs(m, _full_request(cfg, False, tokens)), reference, got)
         check_ok &= ok or backend == loaded  # 1 vs 2 threads: torch's own reduction order may differ
         notes.append(f"{loaded} ({threads_max} threads) vs {backend} ({threads} threads): {verdict}")
     torch.set_num_threads(threads_max)
     quality = {}
     if job.get("save_reference"):
-        torch.save({"ids": reference, "logits": _teacher_forced_logits(m, _full_request(cfg, False, tokens), reference)},
-                   job["save_reference"])
+        torch.save({"ids": reference, "logits": server.teacher_forced_logits(
+            m, server.build_inputs(m, _full_request(cfg, False, tokens)), reference[:-1])}, job["save_reference"])
     if job.get("reference") and Path(job["reference"]).is_file():
         ref = torch.load(job["reference"])
-        mine = _teacher_forced_logits(m, _full_request(cfg, False, tokens), ref["ids"])
+        mine = server.teacher_forced_logits(m, server.build_inputs(m, _full_request(cfg, False, tokens)), ref["ids"][:-1])
         error = float((mine - ref["logits"]).abs().max())
         step = next((i for i, (x, y) in enumerate(zip(ref["ids"], reference)) if x != y), None)
         near = step is None or abs(float(ref["logits"][step][ref["ids"][step]] - ref["logits"][step][reference[step]])) \

@@ -59,12 +59,7 @@ def engine_ids(m: server.LoadedModel, with_image: bool) -> list[int]:
     req = request_for(m, with_image)
     job = server.Job(req, server.build_inputs(m, req), TOKENS)
     server.run_generation(m, job)
-    ids = []
-    while not job.events.empty():
-        kind, value = job.events.get_nowait()
-        if kind == "token":
-            ids.append(value)
-    return ids
+    return server.drain_tokens(job)
 
 
 _REFERENCE: dict = {}

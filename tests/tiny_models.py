@@ -161,8 +161,6 @@ def _write_json(path: Path, data) -> None:
 
 def build_tiny_hcx(path: str | Path, seed: int = 0) -> Path:
     """Write a tiny, offline-loadable HCX-like remote-code model directory to ``path``."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -239,18 +237,7 @@ def build_tiny_hcx(path: str | Path, seed: int = 0) -> Path:
         },
     )
 
-    hf_config = AutoConfig.from_pretrained(path, trust_remote_code=True)
-    state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=True)
-    finally:
-        torch.random.set_rng_state(state)
-    model.save_pretrained(path, safe_serialization=True)
-    # save_pretrained rewrites config.json; keep the auto_map pointing at our files.
-    saved = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    saved["auto_map"] = config["auto_map"]
-    _write_json(path / "config.json", saved)
+    save_random_model(path, config, seed)
     return path
 
 
@@ -324,6 +311,23 @@ def write_hcx_v2_folder(path: Path, tokenizer, text: dict = TINY_V2_TEXT, vision
     return config
 
 
+def save_random_model(path: Path, config: dict, seed: int) -> None:
+    """The folder's remote-code model with seeded random weights, saved beside its code (the global
+    RNG is left as it was)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=True)
+    finally:
+        torch.random.set_rng_state(state)
+    model.save_pretrained(path, safe_serialization=True)
+    keep_auto_map(path, config)
+
+
 def keep_auto_map(path: Path, config: dict) -> None:
     """save_pretrained rewrites config.json; point its auto_map at the folder's own code files again."""
     saved = json.loads((path / "config.json").read_text(encoding="utf-8"))
@@ -341,21 +345,11 @@ def build_tiny_hcx_v2(path: str | Path, seed: int = 0, expand_image_placeholders
     the v2 template). query_length_offset != 0: a broken folder whose processor misreports the
     vision token counts (the model then raises on the placeholder count).
     """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
     config = write_hcx_v2_folder(path, build_tiny_hcx_tokenizer(), expand_image_placeholders=expand_image_placeholders,
                                  template_on=template_on, query_length_offset=query_length_offset)
-    hf_config = AutoConfig.from_pretrained(path, trust_remote_code=True)
-    state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=True)
-    finally:
-        torch.random.set_rng_state(state)
-    model.save_pretrained(path, safe_serialization=True)
-    keep_auto_map(path, config)
+    save_random_model(path, config, seed)
     return path
 
 
