@@ -8,12 +8,14 @@ One module, read top to bottom:
                           chat and generate, the MCP tool) into one GenerationRequest, decode
                           images, turn a request into model tensors.
   4. Generation        -- one engine thread owns the model; generate() and stream() share one
-                          code path (submit a job, follow its tokens, detokenize safely).
+                          code path (submit a job, follow its tokens, detokenize safely); with
+                          BACKEND=openai an UpstreamPool with the same interface streams the text
+                          from a fleet of OpenAI-compatible servers (vLLM) instead.
   5. HTTP routes       -- one subsection per API family: the seed REST contract, the OpenAI API
                           (/v1: chat completions, Responses, models), the Ollama API (/api), MCP
                           (JSON-RPC, both protocol eras, also over stdio by the CLI); CORS and
-                          auth, /health, metrics, the browser playground at / (its files live in
-                          static/). Routes never touch torch.
+                          auth, /health (and the upstreams' state), metrics, the browser
+                          playground at / (its files live in static/). Routes never touch torch.
   6. App factory       -- create_app(config) and the gunicorn runner (1 gthread worker).
 """
 
@@ -68,6 +70,9 @@ VISION_DTYPE_CHOICES = ("auto", "float32")
 # auto: "static" on CUDA, "gemv" on CPUs with AVX512-BF16 and bf16 weights, else "eager" (all three our own
 # decode loop); "hf" = plain model.generate, also picked for a model our loop cannot drive. See section 4.
 GENERATION_BACKEND_CHOICES = ("auto", "static", "gemv", "eager", "hf")
+# local: this process loads the model; openai: no model here, every API is served by OpenAI-compatible
+# upstreams (vLLM replicas serving this model, or other hcx-servers), see section 4's UpstreamPool.
+BACKEND_CHOICES = ("local", "openai")
 
 
 # Browser pages served from these origins may call the API; ":*" means any port, "scheme://*" any
@@ -111,14 +116,29 @@ class Config:
     allowed_origins: tuple[str, ...] = DEFAULT_ALLOWED_ORIGINS
     demo: bool = False
     demo_dir: str = ""
+    backend: str = "local"
+    upstream_urls: tuple[str, ...] = ()  # OpenAI base URLs (".../v1") of the upstreams (BACKEND=openai)
+    upstream_api_key: str | None = None
+    upstream_model: str = ""  # "": the first id of each upstream's /v1/models
+    upstream_timeout: float = 120.0  # longest wait for an upstream's next bytes (see section 4)
+
+    @property
+    def capacity(self) -> int:
+        """Requests taken at once: the generating one + MAX_QUEUE waiting, or with BACKEND=openai
+        MAX_QUEUE (at least 1) in flight per upstream; more get 503 + Retry-After."""
+        if self.backend == "openai":
+            return max(self.max_queue, 1) * len(self.upstream_urls)
+        return self.max_queue + 1
 
     @property
     def worker_threads(self) -> int:
-        """gunicorn threads: the generating request + MAX_QUEUE waiting + room for /health."""
-        return self.threads or self.max_queue + 4
+        """gunicorn threads: every request the server takes at once + room for /health."""
+        return self.threads or self.capacity + 3
 
     @property
     def served_model_name(self) -> str:
+        if self.backend == "openai":
+            return self.upstream_model or self.model_path.rstrip("/\\").split("/")[-1]
         return DEMO_MODEL_NAME if self.demo else self.model_path.rstrip("/\\").split("/")[-1]
 
 
@@ -135,6 +155,17 @@ def _env_int(env: Mapping[str, str], key: str, default: int, lo: int, hi: int) -
         raise ConfigError(f"{key}={raw!r} is not valid: expected an integer from {lo} to {hi}") from None
     if not lo <= value <= hi:
         raise ConfigError(f"{key}={value} is out of range: expected an integer from {lo} to {hi}")
+    return value
+
+
+def _env_float(env: Mapping[str, str], key: str, default: float, lo: float, hi: float) -> float:
+    raw = _env_str(env, key, str(default))
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{key}={raw!r} is not valid: expected a number of seconds from {lo:g} to {hi:g}") from None
+    if not lo <= value <= hi:  # NaN fails this too
+        raise ConfigError(f"{key}={raw} is out of range: expected a number of seconds from {lo:g} to {hi:g}")
     return value
 
 
@@ -164,6 +195,39 @@ def _env_origins(env: Mapping[str, str]) -> tuple[str, ...]:
     return origins
 
 
+def upstream_base_url(url: str, key: str = "UPSTREAM_URLS entry", append_v1: bool = False) -> str:
+    """An OpenAI client's base_url: http(s)://host[:port][/path], no trailing slash. A bare host gets
+    /v1 (where vLLM and hcx-server serve the API); `append_v1` (hcx-cli --url, a server's address)
+    adds /v1 to any path that does not already end with it."""
+    from urllib.parse import urlsplit
+
+    text = url.strip()
+    problem = f"{key} {text!r} is not valid: expected http(s)://host[:port]/v1 (an OpenAI base URL)"
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError:
+        raise ConfigError(problem) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment \
+            or re.search(r"\s", text):
+        raise ConfigError(problem)
+    path = parts.path.rstrip("/")
+    if not path or (append_v1 and not path.endswith("/v1")):
+        path += "/v1"
+    return f"{parts.scheme}://{parts.netloc}{path}"
+
+
+def _env_upstreams(env: Mapping[str, str], backend: str) -> tuple[str, ...]:
+    entries = [e for e in _env_str(env, "UPSTREAM_URLS", "").split(",") if e.strip()]
+    urls = tuple(upstream_base_url(e) for e in entries)
+    if backend == "openai" and not urls:
+        raise ConfigError("BACKEND=openai needs UPSTREAM_URLS: comma-separated base URLs of OpenAI-compatible "
+                          "servers serving this model, e.g. http://gpu-node-1:8000/v1")
+    if len(set(urls)) != len(urls):
+        raise ConfigError(f"UPSTREAM_URLS lists an upstream twice: {', '.join(urls)}")
+    return urls
+
+
 def environment() -> dict[str, str]:
     """The process environment over the nearest .env file (the environment wins)."""
     from dotenv import dotenv_values, find_dotenv
@@ -180,6 +244,7 @@ def load_config(env: Mapping[str, str] | None = None, **overrides: Any) -> Confi
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
         raise ConfigError(f"DEVICE={device!r} is not valid: expected one of {DEVICE_CHOICES}")
     max_new_tokens = _env_int(env, "MAX_NEW_TOKENS", 512, 1, 1 << 20)
+    backend = _env_choice(env, "BACKEND", "local", BACKEND_CHOICES)
     cfg = Config(
         model_path=_env_str(env, "MODEL_PATH", HCX_HUB_ID),
         model_id=_env_str(env, "MODEL_ID", HCX_HUB_ID),
@@ -210,6 +275,11 @@ def load_config(env: Mapping[str, str] | None = None, **overrides: Any) -> Confi
         allowed_origins=_env_origins(env),
         demo=_env_bool(env, "DEMO", False),
         demo_dir=_env_str(env, "DEMO_MODEL_DIR", str(Path.home() / ".cache" / "hcx-server" / DEMO_MODEL_NAME)),
+        backend=backend,
+        upstream_urls=_env_upstreams(env, backend),
+        upstream_api_key=_env_str(env, "UPSTREAM_API_KEY", "") or None,
+        upstream_model=_env_str(env, "UPSTREAM_MODEL", ""),
+        upstream_timeout=_env_float(env, "UPSTREAM_TIMEOUT", 120.0, 0.1, 3600.0),
     )
     return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
@@ -921,6 +991,12 @@ def image_too_large(cfg: Config, param: str) -> InputError:
                       param=param, code="image_too_large")
 
 
+# Image.info key of the client's own encoded bytes, kept when they decode to exactly the pixels served
+# (RGB, no EXIF rotation): an upstream is sent those rather than a re-encoded PNG (section 4).
+SOURCE_BYTES = "hcx_source_bytes"
+SOURCE_FORMATS = ("JPEG", "PNG", "WEBP")
+
+
 def open_image(raw: bytes, cfg: Config, param: str = "image") -> Image.Image:
     """Open with Pillow, refuse bombs before decoding pixels, apply EXIF rotation, flatten to RGB."""
     if len(raw) > cfg.max_image_bytes:
@@ -932,8 +1008,13 @@ def open_image(raw: bytes, cfg: Config, param: str = "image") -> Image.Image:
                 raise InputError(f"image is {width}x{height} = {width * height} pixels, over "
                                  f"MAX_IMAGE_PIXELS={cfg.max_image_pixels}", param=param, code="image_too_large")
             img.load()
-            img = ImageOps.exif_transpose(img)
-            return flatten_to_rgb(img)
+            unchanged = (img.format in SOURCE_FORMATS and img.mode == "RGB" and "transparency" not in img.info
+                         and img.getexif().get(0x0112, 1) == 1)
+            source = (Image.MIME[img.format], raw) if unchanged else None
+            img = flatten_to_rgb(ImageOps.exif_transpose(img))
+            if source is not None:
+                img.info[SOURCE_BYTES] = source
+            return img
     except InputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -1057,8 +1138,7 @@ def prompt_request(body: Mapping, cfg: Config, allow_image_path: bool = False) -
     messages = with_system_prompt([Message("user", prompt, images)], cfg)
     constraint = json_constraint(schema_field(body["json_schema"], "json_schema"), "json_schema") \
         if body.get("json_schema") is not None else None
-    return GenerationRequest(messages=with_constraint_instructions(messages, constraint), constraint=constraint,
-                             **sampling_fields(body, cfg))
+    return GenerationRequest(messages=messages, constraint=constraint, **sampling_fields(body, cfg))
 
 
 # -- OpenAI chat completions --------------------------------------------------------------
@@ -1247,8 +1327,8 @@ def openai_request(body: Mapping, cfg: Config) -> GenerationRequest:
     if field_str(body, "model") is None and "model" in body:
         raise InputError("'model' must be a string", param="model", code="invalid_type")
     constraint = chat_constraint(body)
-    return GenerationRequest(messages=with_constraint_instructions(with_system_prompt(parsed, cfg), constraint),
-                             stop=openai_stop(body.get("stop")), constraint=constraint, **sampling_fields(body, cfg))
+    return GenerationRequest(messages=with_system_prompt(parsed, cfg), stop=openai_stop(body.get("stop")),
+                             constraint=constraint, **sampling_fields(body, cfg))
 
 
 def stream_options(body: Mapping, streaming: bool) -> bool:
@@ -1526,9 +1606,8 @@ def responses_request(body: Mapping, cfg: Config,
         raise InputError("'model' must be a string", param="model", code="invalid_type")
     text = body.get("text") or {}
     constraint = response_format_constraint(text.get("format"), "text.format", (("text", text),))
-    return GenerationRequest(messages=with_constraint_instructions(with_system_prompt(messages, cfg), constraint),
-                             stop=openai_stop(body.get("stop")), constraint=constraint,
-                             **sampling_fields(body, cfg, max_names=("max_output_tokens",)))
+    return GenerationRequest(messages=with_system_prompt(messages, cfg), stop=openai_stop(body.get("stop")),
+                             constraint=constraint, **sampling_fields(body, cfg, max_names=("max_output_tokens",)))
 
 
 # -- Ollama API (/api/chat, /api/generate) ----------------------------------------------------
@@ -1649,8 +1728,7 @@ def ollama_with_format(body: Mapping, messages: list[Message], sampling: dict) -
             "type": "json_schema", "json_schema": {"name": "format", "schema": value}}),))
     else:
         raise InputError("'format' must be \"json\" or a JSON schema object", param="format", code="invalid_value")
-    return GenerationRequest(messages=with_constraint_instructions(messages, constraint), constraint=constraint,
-                             **sampling)
+    return GenerationRequest(messages=messages, constraint=constraint, **sampling)
 
 
 # -- from a request to model tensors ----------------------------------------------------
@@ -1789,6 +1867,8 @@ INPUT_BUILDERS = {"hcx-v1": build_hcx_v1_inputs, "hcx-v2": build_hcx_v2_inputs, 
 
 def build_inputs(m: LoadedModel, req: GenerationRequest) -> ModelInputs:
     """Tensors for one request; image/processor failures are the client's (400), with the reason."""
+    if req.constraint is not None:  # the model is told what the grammar will enforce (an upstream tells its own)
+        req = dataclasses.replace(req, messages=with_constraint_instructions(req.messages, req.constraint))
     try:
         return INPUT_BUILDERS[m.interface](m, req)
     except (InputError, GenerationError):
@@ -2595,9 +2675,7 @@ class Engine:
     def submit(self, req: GenerationRequest) -> Job:
         """Build tensors and check limits in the caller's thread, then queue (or refuse) the job."""
         m = self.require_model()
-        if req.image_count > self.cfg.max_images:
-            raise InputError(f"{req.image_count} images sent; at most MAX_IMAGES={self.cfg.max_images} "
-                             "per request", code="too_many_images", param="messages")
+        check_image_count(req, self.cfg)
         if req.constraint is not None:
             check_constraint(m, req.constraint)
         inputs = build_inputs(m, req)
@@ -2608,9 +2686,29 @@ class Engine:
             raise Busy(f"server busy: {self.cfg.max_queue} requests already waiting; retry shortly") from None
         return job
 
+    def stream(self, req: GenerationRequest, client_gone: Callable[[], bool] | None = None,
+               whole: bool = False) -> TextStream:
+        """submit() and follow the job (`whole` matters only to an UpstreamPool)."""
+        return TextStream(self.model, self.submit(req), client_gone)
+
     @property
     def queue_depth(self) -> int:
         return self.jobs.qsize()
+
+    @property
+    def in_flight(self) -> int:
+        return int(self.running is not None) + self.queue_depth
+
+    @property
+    def context_length(self) -> int | None:
+        """The served context window, once loaded."""
+        return self.model.context_length if self.state == "ready" else None
+
+
+def check_image_count(req: GenerationRequest, cfg: Config) -> None:
+    if req.image_count > cfg.max_images:
+        raise InputError(f"{req.image_count} images sent; at most MAX_IMAGES={cfg.max_images} "
+                         "per request", code="too_many_images", param="messages")
 
 
 class Detokenizer:
@@ -2754,17 +2852,624 @@ class TextStream:
                                          (first_at or now) - job.submitted, now - job.submitted)
 
 
-def stream(engine: Engine, req: GenerationRequest, client_gone: Callable[[], bool] | None = None) -> TextStream:
-    """Queue the request now (so errors surface before any byte is sent); iterate for text."""
-    job = engine.submit(req)
-    return TextStream(engine.model, job, client_gone)
+def stream(engine: Engine | UpstreamPool, req: GenerationRequest, client_gone: Callable[[], bool] | None = None,
+           whole: bool = False) -> TextStream | UpstreamStream:
+    """Queue the request now (so errors surface before any byte is sent); iterate for text. The engine
+    is the local model's or, with BACKEND=openai, the pool of upstreams: the same interface. `whole`:
+    the caller joins the answer, so nothing reaches its client before the end (an upstream that
+    breaks off midway may then be replaced)."""
+    return engine.stream(req, client_gone, whole)
 
 
-def generate(engine: Engine, req: GenerationRequest, client_gone: Callable[[], bool] | None = None) -> Completion:
+def generate(engine: Engine | UpstreamPool, req: GenerationRequest,
+             client_gone: Callable[[], bool] | None = None) -> Completion:
     """The whole answer at once: the same path as stream(), joined."""
-    text_stream = stream(engine, req, client_gone)
+    text_stream = stream(engine, req, client_gone, whole=True)
     text = "".join(text_stream)
     return dataclasses.replace(text_stream.completion, text=text)
+
+
+# -- BACKEND=openai: the same interface in front of a fleet of OpenAI-compatible upstreams ---------
+# No model is loaded here. Each request goes, as an OpenAI chat completion streamed with usage, to the
+# upstream (a vLLM replica serving this model, or another hcx-server) with the fewest requests in
+# flight, at most MAX_QUEUE per upstream (then 503 + Retry-After). An upstream that fails (refused,
+# 5xx, timeout, a stream broken off) is marked down and probed in the background (GET {url}/models,
+# every 0.5 s doubling to 5 s) until it answers again. A request that failed before any of its text
+# reached the client is sent once more, to another upstream; a stream broken midway ends with the
+# API's own error marker. UPSTREAM_TIMEOUT bounds every wait for the upstream's next bytes --
+# connecting, its response headers, the first token (its own queue included), each gap between two
+# chunks -- never the whole answer: a long answer that keeps streaming is never cut, a silent upstream
+# is given up after that long (504). Up upstreams are probed too, every UPSTREAM_REFRESH_S: an idle one
+# that died is found before a request is sent to it, a window reported late (hcx-server lists its model
+# while still loading) is learnt.
+
+UPSTREAM_PROBE_S = (0.5, 5.0)  # probes of a down upstream: first delay, longest delay
+UPSTREAM_REFRESH_S = 30.0  # probes of an up upstream
+UPSTREAM_FALLBACK_CONTEXT = 16384  # HCX's window, when neither the upstreams nor MAX_MODEL_LEN say
+UPSTREAM_FINISH = {"stop": "stop", "length": "length", "abort": "cancelled"}
+
+
+class UpstreamFailure(GenerationError):
+    """An upstream failed, or none can take the request. `status` is what a client that got no byte
+    yet sees: 502 (bad gateway), 503 + Retry-After (none reachable, or busy), 504 (UPSTREAM_TIMEOUT);
+    a stream already under way ends with its API's error marker instead. `down`: the upstream is
+    marked down; `retriable`: another upstream may be tried."""
+
+    def __init__(self, message: str, status: int = 502, code: str = "upstream_failed", outcome: str = "failed",
+                 retry_after: int | None = None, down: bool = True, retriable: bool = True):
+        super().__init__(message)
+        self.status, self.code, self.outcome, self.retry_after = status, code, outcome, retry_after
+        self.down, self.retriable = down, retriable
+
+
+@dataclass
+class UpstreamModel:
+    """What the routes show of the served model when upstreams serve it: no folder, device or dtype."""
+
+    name: str
+    context_length: int
+    facts: dict  # weights_facts' keys, as far as the front knows them
+    path: str = ""
+    device: str = "upstream"
+    dtype: str = "unknown"
+
+
+@dataclass(eq=False)
+class Upstream:
+    """One server of the fleet as the pool sees it (fields change under the pool's lock)."""
+
+    url: str  # its base URL, ".../v1"
+    name: str  # the URL without any user:password, for logs, /health and /metrics
+    state: str = "probing"  # probing (not answered yet) | up | down
+    model: str = ""
+    context_length: int | None = None
+    in_flight: int = 0
+    error: str | None = None
+    since: float = field(default_factory=time.time)  # wall clock of the last state change
+    next_probe: float = 0.0
+    probe_wait: float = UPSTREAM_PROBE_S[0]
+    last_pick: int = 0
+    outcomes: dict[str, int] = field(default_factory=dict)  # requests by outcome
+    tokens: int = 0
+    marked_down: int = 0
+
+    def describe(self) -> dict:
+        return {"url": self.name, "state": self.state, "model": self.model or None,
+                "context_length": self.context_length, "in_flight": self.in_flight, "error": self.error,
+                "since": round(self.since, 3), "requests": sum(self.outcomes.values())}
+
+
+@dataclass
+class UpstreamJob:
+    """Job's counterpart for a request sent upstream (MCP progress reads max_new_tokens)."""
+
+    request: GenerationRequest
+    max_new_tokens: int
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+def image_data_url(img: Image.Image) -> str:
+    """The client's own bytes when they decode to exactly what was checked (open_image keeps them),
+    else a PNG of the pixels."""
+    mime, raw = img.info.get(SOURCE_BYTES) or ("image/png", png_bytes(img))
+    return f"data:{mime};base64,{base64.b64encode(raw).decode('ascii')}"
+
+
+def upstream_messages(req: GenerationRequest) -> list[dict]:
+    """OpenAI chat messages: images first, as data: URLs in image_url parts, then the text."""
+    messages = []
+    for msg in req.messages:
+        if not msg.images:
+            messages.append({"role": msg.role, "content": msg.text})
+            continue
+        parts = [{"type": "image_url", "image_url": {"url": image_data_url(img)}} for img in msg.images]
+        parts += [{"type": "text", "text": msg.text}] if msg.text else []
+        messages.append({"role": msg.role, "content": parts})
+    return messages
+
+
+def upstream_payload(req: GenerationRequest, max_new_tokens: int) -> dict:
+    """The chat completion body (less `model`, which is per upstream); the upstream applies the stop
+    strings, min_tokens is the vLLM extension field (hcx-server takes it too)."""
+    payload = {"messages": upstream_messages(req), "max_tokens": max_new_tokens, "temperature": req.temperature,
+               "top_p": req.top_p, "stream": True, "stream_options": {"include_usage": True}}
+    if req.seed is not None:
+        payload["seed"] = req.seed
+    if req.stop:
+        payload["stop"] = list(req.stop)
+    if req.min_new_tokens and req.constraint is None:
+        payload["min_tokens"] = req.min_new_tokens
+    payload.update(upstream_constraint(req.constraint))
+    return payload
+
+
+def upstream_constraint(c: Constraint | None) -> dict:
+    """Structured output for the upstream's own guided decoding: a JSON answer as chat's
+    response_format, tool calls as the request's tools / tool_choice (its tool_calls deltas come back
+    as our <tool_call> text, so every API presents them as for a local model)."""
+    if c is None:
+        return {}
+    if c.kind == "tool":
+        return dict(c.fields)
+    if c.schema == {"type": "object"}:
+        return {"response_format": {"type": "json_object"}}
+    return {"response_format": {"type": "json_schema", "json_schema": {"name": "answer", "schema": c.schema,
+                                                                        "strict": True}}}
+
+
+def upstream_error(body: Any) -> dict | None:
+    """The error of an upstream answer or SSE event: OpenAI's (and hcx-server's) {"error": {...}},
+    older vLLM's {"object": "error", "message", ...}, FastAPI's {"detail": ...}; else None."""
+    if not isinstance(body, dict):
+        return None
+    error = body.get("error")
+    if isinstance(error, dict):
+        return error
+    if isinstance(error, str):
+        return {"message": error}
+    if body.get("object") == "error":
+        return body
+    if "detail" in body and "choices" not in body:
+        return {"message": body["detail"] if isinstance(body["detail"], str) else json.dumps(body["detail"])}
+    return None
+
+
+def without_userinfo(url: str) -> str:
+    return re.sub(r"//[^/@]*@", "//", url, count=1)
+
+
+def transport_problem(exc: BaseException) -> str:
+    """An httpx error as a few words ("ConnectError: [Errno 111] Connection refused")."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+class UpstreamPool:
+    """Engine's interface (start, state, wait_ready, require_model, stream, stats, queue_depth,
+    in_flight, running, context_length, draining) over the upstreams of UPSTREAM_URLS. One httpx
+    client (pooled keep-alive connections, streaming, timeouts; shared by every request thread) and
+    one probe thread."""
+
+    def __init__(self, cfg: Config):
+        import httpx
+
+        self.cfg = cfg
+        self.upstreams = [Upstream(url, without_userinfo(url)) for url in cfg.upstream_urls]
+        self.limit = max(cfg.max_queue, 1)
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.state = "loading"  # loading (the first probes) | ready
+        self.error: str | None = None
+        self.draining = False
+        self.started = time.time()
+        self.retries = 0
+        self.picks = 0
+        self.stats = {"jobs_done": 0, "jobs_failed": 0, "jobs_cancelled": 0, "jobs_skipped": 0, "tokens_generated": 0}
+        headers = {"User-Agent": f"hcx-server/{__version__}"}
+        if cfg.upstream_api_key:
+            headers["Authorization"] = f"Bearer {cfg.upstream_api_key}"
+        connections = len(self.upstreams) * (self.limit + 2)
+        # trust_env=False: upstreams are reached directly, never through a proxy meant for the internet
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        self.http = httpx.Client(headers=headers, timeout=httpx.Timeout(cfg.upstream_timeout), limits=limits,
+                                 trust_env=False)
+
+    # -- lifecycle and health --
+    def start(self, wait: bool = False) -> "UpstreamPool":
+        threading.Thread(target=self._probe_loop, name="hcx-upstream-probes", daemon=True).start()
+        if wait:
+            self.wait_ready()
+        return self
+
+    def _probe_loop(self) -> None:
+        """Probe every upstream once, then each when it is due: a down one after its backoff, an up
+        one every UPSTREAM_REFRESH_S."""
+        while True:
+            self.wake.clear()
+            for upstream in [u for u in self.upstreams if u.next_probe <= time.monotonic()]:
+                self.probe(upstream)
+            if self.state == "loading":
+                self.state = "ready"
+                log.info("upstreams: %s", ", ".join(f"{u.name} {u.state}" for u in self.upstreams))
+            self.wake.wait(max(0.05, min(u.next_probe for u in self.upstreams) - time.monotonic()))
+
+    def probe(self, upstream: Upstream) -> bool:
+        """GET {url}/models: up when it lists models (and UPSTREAM_MODEL among them, when set); learns the
+        model id and the context window (vLLM's max_model_len) from it."""
+        import httpx
+
+        try:
+            answer = self.http.get(f"{upstream.url}/models", timeout=min(self.cfg.upstream_timeout, 5.0))
+            if answer.status_code != 200:
+                raise ValueError(f"GET /models answered HTTP {answer.status_code}")
+            cards = [c for c in answer.json().get("data") or [] if isinstance(c, dict) and isinstance(c.get("id"), str)]
+            wanted = self.cfg.upstream_model
+            card = next((c for c in cards if c["id"] == wanted), None) if wanted else (cards or [None])[0]
+            if card is None:
+                raise ValueError(f"it does not serve {wanted!r}" if wanted else "GET /models lists no model")
+        except (httpx.HTTPError, ValueError, AttributeError) as exc:
+            problem = transport_problem(exc) if isinstance(exc, httpx.HTTPError) else str(exc)
+            if upstream.state == "up":
+                self.mark_down(upstream, f"probe failed: {problem}")
+                return False
+            with self.lock:
+                first = upstream.state == "probing"
+                upstream.error = problem
+                if first:
+                    upstream.state, upstream.since = "down", time.time()
+                upstream.next_probe = time.monotonic() + upstream.probe_wait
+                upstream.probe_wait = min(upstream.probe_wait * 2, UPSTREAM_PROBE_S[1])
+            if first:
+                log.warning("upstream %s does not answer: %s", upstream.name, problem)
+            return False
+        window = card.get("max_model_len")
+        window = window if isinstance(window, int) and window > 0 else None
+        with self.lock:
+            was, known = upstream.state, (upstream.model, upstream.context_length)
+            if was != "up":
+                upstream.state, upstream.error, upstream.since = "up", None, time.time()
+            upstream.model, upstream.context_length = card["id"], window
+            upstream.next_probe = time.monotonic() + UPSTREAM_REFRESH_S
+            upstream.probe_wait = UPSTREAM_PROBE_S[0]
+        if was != "up" or known != (upstream.model, window):
+            log.info("upstream %s is %s: model %s, context %s", upstream.name, "back up" if was == "down" else "up",
+                     upstream.model, window or "not reported")
+        return True
+
+    def mark_down(self, upstream: Upstream, reason: str) -> None:
+        with self.lock:
+            if upstream.state == "up":
+                upstream.marked_down += 1
+                upstream.since = time.time()
+                log.warning("upstream %s marked down: %s", upstream.name, reason)
+            upstream.state, upstream.error = "down", reason
+            upstream.next_probe = time.monotonic() + UPSTREAM_PROBE_S[0]
+            upstream.probe_wait = UPSTREAM_PROBE_S[0] * 2
+        self.wake.set()
+
+    def wait_ready(self, timeout: float | None = None) -> UpstreamModel:
+        """Block until every upstream was probed once; none answering is a ModelLoadError (the CLI and
+        stdio MCP print it)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.state == "loading" and (deadline is None or time.monotonic() < deadline):
+            time.sleep(0.05)
+        if self.state == "ready" and not any(u.state == "up" for u in self.upstreams):
+            raise ModelLoadError("no upstream answers: " + "; ".join(f"{u.name}: {u.error}" for u in self.upstreams))
+        return self.require_model()
+
+    def require_model(self) -> UpstreamModel:
+        if self.state == "loading":
+            raise ModelNotReady("the upstreams are being probed; retry when /health says ok")
+        digest = hashlib.sha256(" ".join((self.cfg.served_model_name, *self.cfg.upstream_urls)).encode()).hexdigest()
+        facts = {"family": "unknown", "size": 0, "params": 0, "mtime": self.started, "digest": digest}
+        return UpstreamModel(self.cfg.served_model_name, self.context_length, facts)
+
+    @property
+    def context_length(self) -> int:
+        """The smallest window the upstreams report, within MAX_MODEL_LEN when it is set."""
+        known = [u.context_length for u in self.upstreams if u.context_length]
+        limits = ([min(known)] if known else []) + ([self.cfg.max_model_len] if self.cfg.max_model_len else [])
+        return min(limits) if limits else UPSTREAM_FALLBACK_CONTEXT
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests in flight at the upstreams (the front queues nothing itself)."""
+        return sum(u.in_flight for u in self.upstreams)
+
+    in_flight = queue_depth
+
+    @property
+    def running(self) -> bool | None:
+        """Engine's "a job is generating", for /metrics."""
+        return True if self.queue_depth else None
+
+    def retry_after(self) -> int:
+        """Seconds until the next probe of a down upstream may bring one back."""
+        now = time.monotonic()
+        return max(1, math.ceil(min((u.next_probe for u in self.upstreams if u.state != "up"), default=now + 1) - now))
+
+    # -- requests --
+    def stream(self, req: GenerationRequest, client_gone: Callable[[], bool] | None = None,
+               whole: bool = False) -> UpstreamStream:
+        """Check what the front can, then send the request upstream: its answer status (and any refusal)
+        is known before this returns, like Engine.submit's."""
+        self.require_model()
+        check_image_count(req, self.cfg)
+        pieces = UpstreamStream(self, req, self.fit(req), client_gone, whole)
+        pieces.connect()
+        return pieces
+
+    def fit(self, req: GenerationRequest) -> int:
+        """The front has no tokenizer to count the prompt: an explicit ask that alone fills the window is
+        refused here, the upstream checks the rest (its 400 comes back as it is)."""
+        window = self.context_length
+        asked = max(req.max_new_tokens if req.max_tokens_explicit else 1, req.min_new_tokens)
+        if asked >= window:
+            raise InputError(f"this model's context is {window} tokens and {asked} were asked for, which leaves no "
+                             "room for the prompt", code="context_length_exceeded", param="messages")
+        return req.max_new_tokens if req.max_tokens_explicit else min(req.max_new_tokens, window - 1)
+
+    def acquire(self, exclude: list[Upstream]) -> Upstream:
+        """The up upstream with the fewest requests in flight (ties: the least recently picked)."""
+        with self.lock:
+            live = [u for u in self.upstreams if u.state == "up" and u not in exclude]
+            if not live:
+                raise UpstreamFailure("no upstream is available: " + "; ".join(
+                    f"{u.name} {u.state}" + (f" ({u.error})" if u.error else "") for u in self.upstreams),
+                    503, "no_upstream", outcome="none", retry_after=self.retry_after())
+            free = [u for u in live if u.in_flight < self.limit]
+            if not free:
+                raise Busy(f"server busy: every upstream has MAX_QUEUE={self.limit} requests in flight; retry shortly")
+            best = min(free, key=lambda u: (u.in_flight, u.last_pick))
+            self.picks += 1
+            best.in_flight, best.last_pick = best.in_flight + 1, self.picks
+            return best
+
+    def release(self, upstream: Upstream, outcome: str, tokens: int = 0) -> None:
+        with self.lock:
+            upstream.in_flight -= 1
+            upstream.outcomes[outcome] = upstream.outcomes.get(outcome, 0) + 1
+            upstream.tokens += tokens
+
+    def open(self, upstream: Upstream, payload: dict):
+        """POST the chat completion and read its status: 200 gives the streaming response; a refusal is
+        the client's (InputError, the upstream's own message) or an UpstreamFailure."""
+        import httpx
+
+        try:
+            response = self.http.send(self.http.build_request("POST", f"{upstream.url}/chat/completions",
+                                                              json={"model": upstream.model, **payload}), stream=True)
+        except httpx.TimeoutException:
+            raise self.timed_out(upstream, "to answer") from None
+        except httpx.HTTPError as exc:
+            raise UpstreamFailure(f"upstream {upstream.name} cannot be reached ({transport_problem(exc)})", 503,
+                                  "upstream_unreachable", outcome="connect", retry_after=self.retry_after()) from None
+        if response.status_code == 200:
+            return response
+        try:
+            body = json.loads(response.read()[:65536])
+        except (httpx.HTTPError, ValueError, UnicodeDecodeError, RecursionError):
+            body = None
+        finally:
+            response.close()
+        raise self.refusal(upstream, response, upstream_error(body) or {})
+
+    def refusal(self, upstream: Upstream, response, error: dict) -> Exception:
+        """A non-200 answer: 400/413/422 are the client's (its message, in the client's API shape);
+        429/503 mean busy (another upstream is tried, nothing is marked down); 401/403 a wrong
+        UPSTREAM_API_KEY and 5xx a failure (marked down); any other status a bad gateway."""
+        status = response.status_code
+        message = str(error.get("message") or f"HTTP {status}")
+        if status in (400, 413, 422) or (400 <= status < 500 and status not in (401, 403, 404, 408, 429)):
+            code, param = error.get("code"), error.get("param")
+            return InputError(message, status=413 if status == 413 else 400,
+                              param=param if isinstance(param, str) else None,
+                              code=code if isinstance(code, str) else "invalid_request")
+        where = f"upstream {upstream.name} answered HTTP {status}: {message}"
+        if status in (429, 503):
+            wait = response.headers.get("Retry-After", "")
+            return UpstreamFailure(where, 503, "upstream_busy", outcome="busy", down=False,
+                                   retry_after=int(wait) if wait.isdigit() else 1)
+        if status in (401, 403):
+            return UpstreamFailure(f"{where} (check UPSTREAM_API_KEY)", 502, "upstream_auth", outcome="rejected")
+        return UpstreamFailure(where, 502, outcome="http_error", down=status >= 500)
+
+    def timed_out(self, upstream: Upstream, what: str) -> UpstreamFailure:
+        return UpstreamFailure(f"upstream {upstream.name} sent nothing for UPSTREAM_TIMEOUT="
+                               f"{self.cfg.upstream_timeout:g} s (waiting {what})", 504, "upstream_timeout",
+                               outcome="timeout")
+
+    def finished(self, c: Completion) -> None:
+        with self.lock:
+            outcome = {"error": "failed", "cancelled": "cancelled"}.get(c.finish_reason, "done")
+            self.stats[f"jobs_{outcome}"] += 1
+            self.stats["tokens_generated"] += c.completion_tokens
+
+    def note_retry(self) -> None:
+        with self.lock:
+            self.retries += 1
+
+
+class UpstreamStream:
+    """TextStream's interface over one request sent upstream: iterate text pieces as they arrive;
+    `.completion` (the upstream's usage) when it ends; `.tokens` (content chunks so far, MCP progress);
+    `.job.max_new_tokens`; `.cancel()`, from any thread, ends the upstream stream at once."""
+
+    POLL_S = TextStream.POLL_S
+
+    def __init__(self, pool: UpstreamPool, req: GenerationRequest, max_new_tokens: int,
+                 client_gone: Callable[[], bool] | None, whole: bool):
+        self.pool, self.whole = pool, whole
+        self.job = UpstreamJob(req, max_new_tokens)
+        self.payload = upstream_payload(req, max_new_tokens)
+        self.client_gone = client_gone or (lambda: False)
+        self.completion: Completion | None = None
+        self.tokens = 0
+        self.tried: list[Upstream] = []
+        self.upstream: Upstream | None = None  # the one this request holds a place at
+        self.response = None
+        self.usage: dict = {}
+        self.finish: str | None = None
+        self.iterating = False
+        self.lock = threading.Lock()
+
+    def connect(self, failure: UpstreamFailure | None = None) -> None:
+        """Send to the best upstream not tried yet; a failure the client cannot have seen (refused, 5xx,
+        busy, timeout) is tried once more elsewhere. Raises the (last) failure when none is left."""
+        while True:
+            try:
+                upstream = self.pool.acquire(self.tried)
+            except (UpstreamFailure, Busy):
+                if failure is None:
+                    raise
+                raise failure from None
+            self.tried.append(upstream)
+            try:
+                self.response, self.upstream = self.pool.open(upstream, self.payload), upstream
+                return
+            except InputError:
+                self.pool.release(upstream, "rejected")
+                raise
+            except UpstreamFailure as exc:
+                self.pool.release(upstream, exc.outcome)
+                if exc.down:
+                    self.pool.mark_down(upstream, str(exc))
+                if failure is not None or not exc.retriable:
+                    raise
+                failure = exc
+                log.info("retrying on another upstream: %s", exc)
+                self.pool.note_retry()
+
+    def cancel(self) -> None:
+        self.job.cancel()
+        self._shutdown()
+        if not self.iterating and self.completion is None:  # never read (the client left first): free its place
+            self._end_attempt("cancelled")
+            self.completion = Completion("", "cancelled", 0, 0, 0.0, time.perf_counter() - self.job.submitted)
+            self.pool.finished(self.completion)
+
+    def _shutdown(self) -> None:
+        """Wake a read blocked on the upstream's socket: shutdown (safe from any thread), not close."""
+        import socket
+
+        response = self.response
+        network = response.extensions.get("network_stream") if response is not None else None
+        sock = network.get_extra_info("socket") if network is not None else None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _end_attempt(self, outcome: str, failure: UpstreamFailure | None = None) -> None:
+        """Close the upstream response and give its place back (once)."""
+        with self.lock:
+            upstream, response, self.upstream = self.upstream, self.response, None
+        if upstream is None:
+            return
+        response.close()
+        self.pool.release(upstream, outcome, int(self.usage.get("completion_tokens") or 0))
+        if failure is not None and failure.down:
+            self.pool.mark_down(upstream, str(failure))
+
+    def _read(self) -> Iterator[str]:
+        """The content pieces of the upstream's SSE; usage and finish_reason kept; transport problems,
+        a timeout, an error event or a stream that ends early raise UpstreamFailure."""
+        import httpx
+
+        upstream, ended = self.upstream, False
+        next_poll = time.monotonic() + self.POLL_S
+        try:
+            for line in self.response.iter_lines():
+                if time.monotonic() >= next_poll:
+                    next_poll = time.monotonic() + self.POLL_S
+                    if not self.job.cancelled.is_set() and self.client_gone():
+                        log.info("client disconnected: closing the upstream stream")
+                        self.job.cancel()
+                if self.job.cancelled.is_set():
+                    return
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    ended = True
+                    break
+                event = json.loads(data)
+                error = upstream_error(event)
+                if error is not None:
+                    raise UpstreamFailure(f"upstream {upstream.name} failed: {error.get('message') or error}",
+                                          outcome="failed", down=False, retriable=False)
+                if isinstance(event.get("usage"), dict):
+                    self.usage = event["usage"]
+                for choice in event.get("choices") or []:
+                    delta = choice.get("delta") or {}
+                    piece = delta.get("content") or self.tool_call_text(delta.get("tool_calls"))
+                    if piece:
+                        yield piece
+                    if choice.get("finish_reason"):
+                        if self.in_call:
+                            yield '}' + TOOL_CALL_CLOSE
+                            self.in_call = False
+                        self.finish = UPSTREAM_FINISH.get(choice["finish_reason"], "stop")
+        except httpx.TimeoutException:
+            raise self.pool.timed_out(upstream, "for the next piece of the answer" if self.tokens
+                                      else "for the first token") from None
+        except (httpx.HTTPError, httpx.StreamError) as exc:
+            if self.job.cancelled.is_set():
+                return
+            raise UpstreamFailure(f"upstream {upstream.name} broke off the answer after {self.tokens} pieces "
+                                  f"({transport_problem(exc)})", 502, "upstream_broken", outcome="broken") from None
+        except (ValueError, AttributeError, TypeError, RecursionError):
+            raise UpstreamFailure(f"upstream {upstream.name} sent something that is not an OpenAI chat completion "
+                                  "stream", 502, outcome="http_error", down=False, retriable=False) from None
+        if not ended and self.finish is None and not self.job.cancelled.is_set():
+            raise UpstreamFailure(f"upstream {upstream.name} ended the stream before the answer was complete",
+                                  502, "upstream_broken", outcome="broken")
+
+    in_call = False  # inside the upstream's (first) tool call, as <tool_call> text
+
+    def tool_call_text(self, calls) -> str:
+        """An upstream tool_calls delta as the text our grammar would have written."""
+        if not isinstance(calls, list) or not calls or calls[0].get("index", 0) != 0:
+            return ""
+        function = calls[0].get("function") or {}
+        head = ""
+        if not self.in_call and function.get("name"):
+            self.in_call = True
+            head = f'{TOOL_CALL_OPEN}{{"name": "{function["name"]}", "arguments": '
+        return head + (function.get("arguments") or "") if self.in_call else ""
+
+    def __iter__(self) -> Iterator[str]:
+        self.iterating = True
+        first_at, finish, held = None, "error", []
+        try:
+            while True:
+                try:
+                    for piece in self._read():
+                        first_at = first_at or time.perf_counter()
+                        self.tokens += 1
+                        if self.whole:
+                            held.append(piece)
+                        else:
+                            yield piece
+                    break
+                except UpstreamFailure as exc:
+                    if self.job.cancelled.is_set():
+                        break
+                    self._end_attempt(exc.outcome, exc)
+                    if (self.tokens and not self.whole) or len(self.tried) > 1 or not exc.retriable:
+                        raise
+                    log.info("retrying on another upstream: %s", exc)
+                    self.pool.note_retry()
+                    first_at, held, self.tokens, self.usage, self.finish = None, [], 0, {}, None
+                    try:
+                        self.connect(failure=exc)
+                    except InputError as refusal:  # a stream's status is sent: it can only end with a marker
+                        if self.whole:
+                            raise
+                        raise UpstreamFailure(refusal.message, retriable=False) from None
+            if held:
+                yield "".join(held)
+            finish = "cancelled" if self.job.cancelled.is_set() else (self.finish or "stop")
+        except GeneratorExit:  # the consumer (a client that hung up) stopped reading
+            finish = "cancelled"
+            raise
+        finally:
+            self._end_attempt({"error": "failed", "cancelled": "cancelled"}.get(finish, "ok"))
+            now = time.perf_counter()
+            job = self.job
+            self.completion = Completion("", finish, int(self.usage.get("prompt_tokens") or 0),
+                                         int(self.usage.get("completion_tokens") or self.tokens),
+                                         (first_at or now) - job.submitted, now - job.submitted)
+            self.pool.finished(self.completion)
+
+
+def make_engine(cfg: Config) -> Engine | UpstreamPool:
+    """The local model's engine, or with BACKEND=openai the pool of upstreams (the same interface)."""
+    return UpstreamPool(cfg) if cfg.backend == "openai" else Engine(cfg)
 
 
 # ======================================================================================
@@ -2926,6 +3631,10 @@ def register_errors(app: Flask) -> None:
     @app.errorhandler(GenerationError)
     def generation_error(exc: GenerationError):
         return error_response(500, str(exc), code="generation_failed")
+
+    @app.errorhandler(UpstreamFailure)
+    def upstream_failure(exc: UpstreamFailure):
+        return error_response(exc.status, str(exc), code=exc.code, retry_after=exc.retry_after)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
@@ -3209,23 +3918,29 @@ def ollama_name(cfg: Config) -> str:
     return f"{cfg.served_model_name}:latest"
 
 
-def ollama_details(m: LoadedModel) -> dict:
-    facts = weights_facts(m.path)
+def model_facts(m: LoadedModel | UpstreamModel) -> dict:
+    """weights_facts of the local folder; upstreams' models carry what the front knows of them."""
+    return m.facts if isinstance(m, UpstreamModel) else weights_facts(m.path)
+
+
+def ollama_details(m: LoadedModel | UpstreamModel) -> dict:
+    facts = model_facts(m)
     params = facts["params"]
     size = f"{params / 1e9:.1f}B" if params >= 1e8 else f"{params / 1e6:.1f}M" if params else ""
     dtype = str(m.dtype).replace("torch.", "")
+    level = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}.get(dtype, "unknown")
     return {"parent_model": "", "format": "safetensors", "family": facts["family"], "families": [facts["family"]],
-            "parameter_size": size, "quantization_level": {"bfloat16": "BF16", "float16": "F16"}.get(dtype, "F32")}
+            "parameter_size": size, "quantization_level": level}
 
 
-def ollama_model_entry(cfg: Config, m: LoadedModel) -> dict:
-    facts = weights_facts(m.path)
+def ollama_model_entry(cfg: Config, m: LoadedModel | UpstreamModel) -> dict:
+    facts = model_facts(m)
     return {"name": ollama_name(cfg), "model": ollama_name(cfg), "modified_at": ollama_time(facts["mtime"]),
             "size": facts["size"], "digest": facts["digest"], "details": ollama_details(m)}
 
 
-def ollama_show(cfg: Config, m: LoadedModel) -> dict:
-    facts = weights_facts(m.path)
+def ollama_show(cfg: Config, m: LoadedModel | UpstreamModel) -> dict:
+    facts = model_facts(m)
     family = facts["family"]
     return {"license": "", "modelfile": "", "parameters": "", "template": "", "details": ollama_details(m),
             "model_info": {"general.architecture": family, "general.parameter_count": facts["params"],
@@ -3362,7 +4077,7 @@ class McpServer:
 
     MAX_SESSIONS = 1024
 
-    def __init__(self, engine: Engine, stdio: bool = False):
+    def __init__(self, engine: Engine | UpstreamPool, stdio: bool = False):
         self.engine, self.stdio = engine, stdio
         self.sessions: dict[str, str] = {}  # id -> negotiated protocol version
         self.inflight: dict[tuple[str, str], TextStream] = {}
@@ -3486,7 +4201,7 @@ class McpServer:
         except InputError as exc:
             yield {"jsonrpc": "2.0", "id": msg_id, "result": tool_result(f"invalid input: {exc.message}", True)}
             return
-        except (Busy, ModelNotReady, ModelLoadError) as exc:
+        except (Busy, ModelNotReady, ModelLoadError, GenerationError) as exc:  # an upstream's failure too
             yield {"jsonrpc": "2.0", "id": msg_id, "result": tool_result(str(exc), True)}
             return
         key = (session, json.dumps(msg_id))
@@ -3694,7 +4409,7 @@ def is_public_path(path: str) -> bool:
     return path in ("/health", "/") or path.startswith("/static/")
 
 
-def register_security(app: Flask, engine: Engine) -> None:
+def register_security(app: Flask, engine: Engine | UpstreamPool) -> None:
     """403 for a foreign Origin (DNS-rebinding guard, as MCP requires), CORS for allowed ones, Bearer
     auth, and 503 for new work once SIGTERM asked the worker to drain."""
     import hmac
@@ -3768,7 +4483,7 @@ def static_response(name: str) -> Response:
 # -- routes -----------------------------------------------------------------------------------
 
 
-def register_routes(app: Flask, engine: Engine) -> None:
+def register_routes(app: Flask, engine: Engine | UpstreamPool) -> None:
     cfg = engine.cfg
     mcp = McpServer(engine)
     app.extensions["hcx_mcp"] = mcp
@@ -3831,14 +4546,14 @@ def register_routes(app: Flask, engine: Engine) -> None:
 
     @app.get("/v1/models")
     def list_models():
-        return jsonify(object="list", data=[model_card(cfg)])
+        return jsonify(object="list", data=[model_card(cfg, engine)])
 
     @app.get("/v1/models/<path:model_id>")
     def get_model(model_id: str):
         if model_id != cfg.served_model_name:
             raise InputError(f"model {model_id!r} is not served here (this server has {cfg.served_model_name!r})",
                              status=404, param="model", code="model_not_found")
-        return jsonify(model_card(cfg))
+        return jsonify(model_card(cfg, engine))
 
     @app.route("/mcp", methods=["GET", "POST", "DELETE"], strict_slashes=False)
     def mcp_endpoint():
@@ -3869,6 +4584,8 @@ def register_routes(app: Flask, engine: Engine) -> None:
     def health():
         if engine.draining:
             return jsonify(status="draining"), 503
+        if isinstance(engine, UpstreamPool):
+            return upstream_health(engine)
         if engine.state == "loading":
             return jsonify(status="loading"), 503
         if engine.state == "error":
@@ -3881,11 +4598,29 @@ def register_routes(app: Flask, engine: Engine) -> None:
                        **({"note": m.note} if m.note else {}))
 
 
-def model_card(cfg: Config) -> dict:
-    return {"id": cfg.served_model_name, "object": "model", "created": 0, "owned_by": "hcx-server"}
+def upstream_health(pool: UpstreamPool) -> tuple[Response, int]:
+    """BACKEND=openai: 200 while at least one upstream is up, each listed with its state, model, context
+    window, requests in flight and last error; 503 while the first probes run or when none is up."""
+    cfg = pool.cfg
+    upstreams = [u.describe() for u in pool.upstreams]
+    up = sum(u["state"] == "up" for u in upstreams)
+    if pool.state == "loading":
+        return jsonify(status="loading", backend="openai", upstreams=upstreams), 503
+    return jsonify(status="ok" if up else "unavailable", backend="openai", model=cfg.served_model_name,
+                   device=f"{up} of {len(upstreams)} upstreams up", context_length=pool.context_length,
+                   queue_depth=pool.queue_depth, max_queue=cfg.max_queue, max_image_bytes=cfg.max_image_bytes,
+                   max_images=cfg.max_images, upstream_timeout=cfg.upstream_timeout, upstreams=upstreams,
+                   demo=False), 200 if up else 503
 
 
-def register_ollama_routes(app: Flask, engine: Engine) -> None:
+def model_card(cfg: Config, engine: Engine | UpstreamPool) -> dict:
+    """The model as OpenAI lists it, with vLLM's max_model_len once known (a front reads it)."""
+    window = engine.context_length
+    return {"id": cfg.served_model_name, "object": "model", "created": 0, "owned_by": "hcx-server",
+            **({"max_model_len": window} if window else {})}
+
+
+def register_ollama_routes(app: Flask, engine: Engine | UpstreamPool) -> None:
     """The Ollama API subset Ollama-speaking tools call, so a base-URL change points them here.
     Generation ignores the model name (one model is served); /api/show answers for that one."""
     cfg = engine.cfg
@@ -3903,7 +4638,7 @@ def register_ollama_routes(app: Flask, engine: Engine) -> None:
         m = engine.require_model()
         entry = ollama_model_entry(cfg, m)
         return jsonify(models=[{**entry, "expires_at": ollama_time(time.time() + 10 * 365 * 86400),
-                                "size_vram": entry["size"] if m.device.type != "cpu" else 0,
+                                "size_vram": entry["size"] if str(m.device) != "cpu" else 0,
                                 "context_length": m.context_length}])
 
     @app.post("/api/show")
@@ -3994,7 +4729,7 @@ class Metrics:
                 self.ttft.observe(access["ttft_ms"] / 1000)
                 self.prompt_tokens += access.get("tokens_in", 0)
 
-    def render(self, engine: Engine) -> str:
+    def render(self, engine: Engine | UpstreamPool) -> str:
         stats = engine.stats
         with self.lock:
             lines = ["# HELP hcx_requests_total HTTP requests by route, method and status.",
@@ -4021,7 +4756,36 @@ class Metrics:
                   f"hcx_generating {int(engine.running is not None)}",
                   "# HELP hcx_model_ready 1 once the model is loaded.", "# TYPE hcx_model_ready gauge",
                   f"hcx_model_ready {int(engine.state == 'ready')}"]
+        if isinstance(engine, UpstreamPool):
+            lines += upstream_metrics(engine)
         return "\n".join(lines) + "\n"
+
+
+def upstream_metrics(pool: UpstreamPool) -> list[str]:
+    """Per-upstream gauges and counters (BACKEND=openai); outcomes: ok, cancelled, rejected (a 4xx the
+    client gets), busy, connect, timeout, broken (mid-stream), http_error, failed."""
+    with pool.lock:
+        rows = [(u.name, u.state == "up", u.in_flight, dict(u.outcomes), u.tokens, u.marked_down)
+                for u in pool.upstreams]
+        retries = pool.retries
+    lines = ["# HELP hcx_upstream_up 1 while the upstream answers.", "# TYPE hcx_upstream_up gauge"]
+    lines += [f'hcx_upstream_up{{upstream="{name}"}} {int(up)}' for name, up, *_ in rows]
+    lines += ["# HELP hcx_upstream_in_flight Requests in flight at the upstream.",
+              "# TYPE hcx_upstream_in_flight gauge"]
+    lines += [f'hcx_upstream_in_flight{{upstream="{name}"}} {n}' for name, _, n, *_ in rows]
+    lines += ["# HELP hcx_upstream_requests_total Requests sent to the upstream, by outcome.",
+              "# TYPE hcx_upstream_requests_total counter"]
+    lines += [f'hcx_upstream_requests_total{{upstream="{name}",outcome="{outcome}"}} {count}'
+              for name, _, _, outcomes, *_ in rows for outcome, count in sorted(outcomes.items())]
+    lines += ["# HELP hcx_upstream_tokens_total Completion tokens the upstream reported.",
+              "# TYPE hcx_upstream_tokens_total counter"]
+    lines += [f'hcx_upstream_tokens_total{{upstream="{name}"}} {tokens}' for name, _, _, _, tokens, _ in rows]
+    lines += ["# HELP hcx_upstream_marked_down_total Times the upstream was marked down after a failure.",
+              "# TYPE hcx_upstream_marked_down_total counter"]
+    lines += [f'hcx_upstream_marked_down_total{{upstream="{name}"}} {n}' for name, *_, n in rows]
+    lines += ["# HELP hcx_upstream_retries_total Requests sent once more, to another upstream.",
+              "# TYPE hcx_upstream_retries_total counter", f"hcx_upstream_retries_total {retries}"]
+    return lines
 
 
 def note_prompt(cfg: Config, req: GenerationRequest) -> None:
@@ -4078,11 +4842,12 @@ def setup_logging() -> None:
     log.setLevel(logging.INFO)
 
 
-def create_app(cfg: Config | None = None, engine: Engine | None = None) -> Flask:
-    """The WSGI app; starts loading the model in this process (call it in the worker)."""
+def create_app(cfg: Config | None = None, engine: Engine | UpstreamPool | None = None) -> Flask:
+    """The WSGI app; starts loading the model (or probing the upstreams) in this process (call it in
+    the worker)."""
     setup_logging()
     cfg = cfg or load_config()
-    engine = engine or Engine(cfg).start()
+    engine = engine or make_engine(cfg).start()
     app = Flask("hcx-server", static_folder=None)  # static/ is served by the playground routes
     app.config["MAX_CONTENT_LENGTH"] = cfg.max_body_bytes
     app.json.ensure_ascii = False
@@ -4108,8 +4873,7 @@ def drain_on_sigterm(worker) -> None:
 
     def handle_exit(sig, frame):
         engine.draining = True
-        log.info("SIGTERM: finishing %s in-flight request(s), refusing new ones",
-                 int(engine.running is not None) + engine.queue_depth)
+        log.info("SIGTERM: finishing %s in-flight request(s), refusing new ones", engine.in_flight)
         stop_worker(sig, frame)
 
     signal.signal(signal.SIGTERM, handle_exit)
@@ -4141,9 +4905,9 @@ def serve(cfg: Config) -> None:
         log.warning("! binding %s WITHOUT an API key: anyone who can reach this port can use the model.", cfg.host)
         log.warning("! Set API_KEY (clients send 'Authorization: Bearer <key>') or bind HOST=127.0.0.1.")
         log.warning("!" * 78)
-    if cfg.worker_threads < cfg.max_queue + 2:
-        log.warning("THREADS=%d < MAX_QUEUE+2=%d: requests beyond the threads wait unbounded in gunicorn's backlog",
-                    cfg.worker_threads, cfg.max_queue + 2)
+    if cfg.worker_threads < cfg.capacity + 1:
+        log.warning("THREADS=%d < %d (the requests taken at once, +1): requests beyond the threads wait unbounded "
+                    "in gunicorn's backlog", cfg.worker_threads, cfg.capacity + 1)
     Server().run()
 
 
