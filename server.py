@@ -26,6 +26,7 @@ import base64
 import binascii
 import contextlib
 import dataclasses
+import errno
 import functools
 import hashlib
 import inspect
@@ -1155,7 +1156,8 @@ def with_system_prompt(messages: list[Message], cfg: Config) -> list[Message]:
     return messages
 
 
-def image_from_path(path: str, cfg: Config, param: str = "image_path", budget: ImageBudget | None = None) -> Image.Image:
+def image_from_path(path: str, cfg: Config, param: str = "image_path",
+                    budget: ImageBudget | None = None) -> Image.Image:
     """A local file (stdio MCP and the CLI run as the user, so reading their files is fine)."""
     try:
         raw = Path(os.path.expanduser(path)).read_bytes()
@@ -4012,31 +4014,9 @@ def register_observability(app: Flask, metrics: Metrics) -> None:
             extra = " ".join(f"{k}={v}" for k, v in access.items() if k not in ("id", "started"))
             log.info("access id=%s %s %s status=%d time_ms=%.1f %s", access["id"], method, path, status,
                      seconds * 1000, extra)
-            if method == "POST":
-                release_memory()
 
         response.call_on_close(write)
         return response
-
-
-@functools.lru_cache(maxsize=1)
-def _malloc_trim() -> Callable[[int], int] | None:
-    import ctypes
-    import ctypes.util
-
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows): nothing to call
-        return None
-
-
-def release_memory() -> None:
-    """Give freed heap memory back to the OS after a POST (its body, decoded images, the prompt's
-    tensors): glibc keeps it otherwise, and the worker stayed at 1.6-4.4 GB after large requests.
-    Cheap when there is nothing to give back (~0.03 ms), ~40 ms for a few hundred MB."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 # ======================================================================================
@@ -4110,6 +4090,27 @@ REQUEST_HEAD_LIMIT = 64 * 1024  # request line + headers (a bigger head is a 431
 READ_BUFFER_BODIES = 4
 
 
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows): nothing to call
+        return None
+
+
+def release_memory() -> None:
+    """Give freed heap memory back to the OS (the worker calls it once a POST or a large request
+    is over, its body, decoded images and tensors freed): glibc keeps it otherwise, and the worker
+    stayed at 1.6-4.4 GB after large requests. ~0.03 ms when there is nothing to give back, ~40 ms
+    for a few hundred MB (ctypes lets the other threads run meanwhile)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 class RequestBuffer:
     """One HTTP/1.1 request as its bytes arrive: `feed()` says when it can go to a thread, either
     complete (head, then a Content-Length or chunked body up to `max_body` bytes) or `partial`
@@ -4122,6 +4123,7 @@ class RequestBuffer:
         self.state, self.pos = "head", 0  # head | length | chunk-size | chunk-data | trailers | done
         self.left = 0  # body (or chunk) bytes still to come
         self.body = 0  # chunked body bytes seen
+        self.method = b""
         self.partial = self.expect_continue = self.head_too_large = False
 
     def feed(self, chunk: bytes = b"") -> bool:
@@ -4179,6 +4181,7 @@ class RequestBuffer:
 
     def _read_head(self, head: bytes) -> None:
         lines = head.split(b"\r\n")
+        self.method = lines[0].split(b" ", 1)[0]
         length, codings, expect = None, None, False
         for line in lines[1:]:
             name, colon, value = line.partition(b":")
@@ -4237,24 +4240,64 @@ def thread_worker_class(max_body: int, read_timeout: float) -> type:
                 size = max(self.mxchunk, min(size_hint or 0, self.max_body_chunk))
                 piece = bytes(self.pending[self.at:self.at + size])
                 self.at += len(piece)
+                if self.at == len(self.pending):  # all served: let the request's bytes go
+                    self.pending, self.at = memoryview(b""), 0
                 return piece
             return super().chunk(size_hint)
 
         def settle(self) -> None:
-            """Bytes not parsed yet (a pipelined request) go where gunicorn looks for read-ahead."""
+            """Bytes not parsed yet (a pipelined request) go where gunicorn looks for read-ahead;
+            the request's own bytes are let go (a kept-alive connection would hold them)."""
             if self.at < len(self.pending):
                 self.buf.seek(0, os.SEEK_END)
                 self.buf.write(self.pending[self.at:])
-                self.at = len(self.pending)
+            self.pending, self.at = memoryview(b""), 0
 
     class HcxThreadWorker(ThreadWorker):
         def init_process(self):
+            import resource
+
             self.reading: dict = {}  # conn -> RequestBuffer, while its request arrives
             self.paused: list = []  # reading connections waiting for room in the buffer budget
             self.buffered, self.budget = 0, READ_BUFFER_BODIES * max_body
+            descriptors = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            in_use = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 64
+            self.max_conns = min(self.worker_connections, max(16, descriptors - in_use - 64))
             super().init_process()
 
         # -- in the event loop --
+        def accept(self, listener):
+            """gthread stops accepting at worker_connections, and its worker dies when out of file
+            descriptors: silent or slow clients must bring it to neither, so they make room."""
+            if self.nr_conns + 1 >= self.max_conns:
+                self.make_room()
+            try:
+                super().accept(listener)
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                    raise
+                if not self.make_room():  # every descriptor serves a request: wait for one to end
+                    time.sleep(0.01)
+
+        def make_room(self) -> bool:
+            """Close one connection that is not being served: silent first, then the oldest kept
+            alive, then the one reading longest (408)."""
+            silent = next((c for c, b in self.reading.items() if not b.data), None)
+            if silent is not None:
+                self.drop(silent)
+            elif self.keepalived_conns:
+                conn = self.keepalived_conns.popleft()
+                with contextlib.suppress(KeyError, ValueError, OSError):
+                    self.poller.unregister(conn.sock)
+                self.nr_conns -= 1
+                conn.close()
+            elif self.reading:
+                self.drop(next(iter(self.reading)), plain_response(
+                    "408 Request Timeout", "too many connections are sending requests slowly"))
+            else:
+                return False
+            return True
+
         def enqueue_req(self, conn):
             """Read the connection's next request before a thread gets it."""
             if self.cfg.is_ssl:  # TLS is not served by hcx-server; gthread's own way then
@@ -4296,6 +4339,7 @@ def thread_worker_class(max_body: int, read_timeout: float) -> type:
             buffer = self.reading.pop(conn)
             self.buffered -= len(buffer.data)
             conn.hcx_request, conn.hcx_partial = buffer.data, buffer.partial
+            conn.hcx_trim = buffer.method == b"POST" or len(buffer.data) >= REQUEST_HEAD_LIMIT
             conn.data_ready = True  # gthread's wait for a first byte is over
             self.resume_paused()
             super().enqueue_req(conn)
@@ -4365,8 +4409,24 @@ def thread_worker_class(max_body: int, read_timeout: float) -> type:
             if isinstance(unreader, BufferedUnreader):
                 unreader.settle()
             super().finish_request(conn, fs)
+            if getattr(conn, "hcx_trim", False):  # its body, images and tensors are freed by now
+                conn.hcx_trim = False
+                release_memory()
 
     return HcxThreadWorker
+
+
+def raise_descriptor_limit(wanted: int = 4096) -> None:
+    """Many distributions start processes with 1024 file descriptors (soft limit): lift it towards
+    the hard limit, so that 1000 connections (gunicorn's worker_connections) fit beside the model's
+    files."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def serve(cfg: Config) -> None:
@@ -4389,6 +4449,7 @@ def serve(cfg: Config) -> None:
             return create_app(cfg)
 
     setup_logging()
+    raise_descriptor_limit()
     if cfg.host not in LOOPBACK_HOSTS and not cfg.api_key and os.path.exists("/.dockerenv"):
         log.warning("binding %s inside a container without API_KEY: publish the port on 127.0.0.1 only "
                     "(the build_and_run scripts do) or set API_KEY", cfg.host)

@@ -249,6 +249,33 @@ def test_health_answers_while_slow_clients_hold_connections(srv):
     assert requests.get(srv.url + "/health", timeout=5).status_code == 200
 
 
+def test_silent_connections_cannot_fill_the_connection_cap(srv):
+    """gthread stops accepting at worker_connections (1000; and its worker died when out of file
+    descriptors): 1100 connections that send nothing must not keep /health out."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1300:
+        if hard != resource.RLIM_INFINITY and hard < 1300:
+            pytest.skip(f"this process may open only {hard} files")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1300 if hard == resource.RLIM_INFINITY else min(1300, hard), hard))
+    silent = []
+    try:
+        for _ in range(1100):
+            silent.append(socket.create_connection((HOST, srv.port), timeout=5))
+        latencies = []
+        for _ in range(3):
+            sent = time.monotonic()
+            assert requests.get(srv.url + "/health", timeout=5).status_code == 200
+            latencies.append(time.monotonic() - sent)
+        print(f"\n[connection cap] {len(silent)} silent connections: /health in {max(latencies) * 1000:.0f} ms at most")
+        assert max(latencies) < 1.0
+    finally:
+        for sock in silent:
+            sock.close()
+    assert worker_pid(srv.proc.pid) == srv.worker, "the worker was replaced"
+
+
 def test_expect_100_continue_gets_its_answer(srv):
     """curl sends `Expect: 100-continue` before large bodies: the reading loop answers it, and the
     app's answer follows the body (one 100, then the 200)."""
