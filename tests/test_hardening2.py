@@ -1,4 +1,4 @@
-"""Hardening, round two (issue 22): one request or a handful of connections must not take the
+"""Hardening, round two: one request or a handful of connections must not take the
 server down. Real `hcx-cli serve` servers on the tiny demo model, loopback only; every loop is
 bounded in count and time. The worker's memory is read from /proc (VmHWM reset around a request).
 

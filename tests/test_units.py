@@ -572,7 +572,7 @@ def test_ollama_generate_request_rejects(body, param):
 
 
 # ======================================================================================
-# hardening, round two (issue 22; the live-server cases are in tests/test_hardening2.py)
+# hardening, round two (the live-server cases are in tests/test_hardening2.py)
 # ======================================================================================
 
 
