@@ -6,24 +6,29 @@ One module, read top to bottom:
                           generic transformers image-text-to-text path, the tiny demo model.
   3. Input building    -- validate every API's request (seed, OpenAI chat and Responses, Ollama
                           chat and generate, the MCP tool) into one GenerationRequest, decode
-                          images, turn a request into model tensors.
-  4. Generation        -- one engine thread owns the model; generate() and stream() share one
-                          code path (submit a job, follow its tokens, detokenize safely); with
-                          BACKEND=openai an UpstreamPool with the same interface streams the text
-                          from a fleet of OpenAI-compatible servers (vLLM) instead.
+                          images (counted first, pixels budgeted from their headers), refuse text
+                          that cannot fit before tokenizing it, turn a request into model tensors.
+  4. Generation        -- one engine thread owns the model; MAX_QUEUE + 1 slots bound what it
+                          takes; generate() and stream() share one code path (submit a job,
+                          follow its tokens, detokenize safely); with BACKEND=openai an
+                          UpstreamPool with the same interface streams the text from a fleet of
+                          OpenAI-compatible servers (vLLM) instead.
   5. HTTP routes       -- one subsection per API family: the seed REST contract, the OpenAI API
                           (/v1: chat completions, Responses, models), the Ollama API (/api), MCP
-                          (JSON-RPC, both protocol eras, also over stdio by the CLI); CORS and
-                          auth, /health (and the upstreams' state), metrics, the browser
+                          (JSON-RPC, both protocol eras, also over stdio by the CLI); Host, CORS
+                          and auth, /health (and the upstreams' state), metrics, the browser
                           playground at / (its files live in static/). Routes never touch torch.
-  6. App factory       -- create_app(config) and the gunicorn runner (1 gthread worker).
+  6. App factory       -- create_app(config), the SIGTERM drain, and the gunicorn runner: ONE
+                          gthread worker that reads each whole request before a thread gets it.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import dataclasses
+import errno
 import functools
 import hashlib
 import inspect
@@ -79,6 +84,16 @@ BACKEND_CHOICES = ("local", "openai")
 # host of that scheme (VS Code webviews are vscode-webview://<random id>).
 DEFAULT_ALLOWED_ORIGINS = ("http://localhost:*", "http://127.0.0.1:*", "http://[::1]:*",
                            "https://localhost:*", "https://127.0.0.1:*", "https://[::1]:*")
+# HOST values that bind loopback only, and the names a Host header may then carry (any port): a
+# DNS-rebinding page reaches a loopback server under its own name, which is refused (403).
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+LOOPBACK_HOST_NAMES = ("localhost", "127.0.0.1", "[::1]")
+# The default MAX_TOTAL_PIXELS is MAX_IMAGES times this. The model sees at most 9 grids of 378 px
+# (1.29 MP) per image, but users send screenshots and photos larger than that (a 5K screenshot is
+# 14.7 MP, a phone photo 12 MP) and the processor downsizes them; 16 MP each takes those at full
+# size while one request's decoded RGB pixels stay under 48 MB per image (192 MB for MAX_IMAGES=4;
+# one MAX_IMAGE_PIXELS-sized image still fits alone).
+PIXELS_PER_IMAGE_BUDGET = 16_000_000
 
 
 class ConfigError(ValueError):
@@ -106,6 +121,8 @@ class Config:
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 64_000_000
     max_images: int = 4
+    max_total_pixels: int = 0  # 0: MAX_IMAGES x PIXELS_PER_IMAGE_BUDGET
+    read_timeout: float = 30.0  # seconds a client has to send one whole request (head and body)
     max_model_len: int = 0  # 0: the model's own context window
     torch_threads: int = 0  # 0: torch's default (all cores)
     generation_backend: str = "auto"
@@ -114,6 +131,7 @@ class Config:
     remote_image_timeout: float = 10.0
     api_key: str | None = None
     allowed_origins: tuple[str, ...] = DEFAULT_ALLOWED_ORIGINS
+    allowed_hosts: tuple[str, ...] = ()  # (): loopback names on a loopback bind, any host otherwise
     demo: bool = False
     demo_dir: str = ""
     backend: str = "local"
@@ -132,8 +150,22 @@ class Config:
 
     @property
     def worker_threads(self) -> int:
-        """gunicorn threads: every request the server takes at once + room for /health."""
-        return self.threads or self.capacity + 3
+        """gunicorn threads: every request the server takes at once + plenty of room for /health and
+        quick answers. Threads are cheap and the queue, not the threads, bounds generations; slow
+        clients hold none (the worker reads whole requests before a thread gets one, section 6)."""
+        return self.threads or self.capacity + 31
+
+    @property
+    def pixel_budget(self) -> int:
+        """Decoded pixels one request may hold, all its images together."""
+        return self.max_total_pixels or self.max_images * PIXELS_PER_IMAGE_BUDGET
+
+    @property
+    def host_allowlist(self) -> tuple[str, ...]:
+        """Host header names accepted (lowercase, IPv6 in brackets, any port; "*" = any)."""
+        if self.allowed_hosts:
+            return self.allowed_hosts
+        return LOOPBACK_HOST_NAMES if self.host in LOOPBACK_HOSTS else ("*",)
 
     @property
     def served_model_name(self) -> str:
@@ -228,6 +260,16 @@ def _env_upstreams(env: Mapping[str, str], backend: str) -> tuple[str, ...]:
     return urls
 
 
+def _env_hosts(env: Mapping[str, str]) -> tuple[str, ...]:
+    raw = _env_str(env, "ALLOWED_HOSTS", "")
+    hosts = tuple(h.strip().lower().rstrip(".") for h in raw.split(",") if h.strip())
+    for host in hosts:
+        if host != "*" and not re.fullmatch(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\]", host):
+            raise ConfigError(f"ALLOWED_HOSTS entry {host!r} is not valid: expected '*', a host name or IP "
+                              "address (IPv6 in brackets, no port), comma-separated")
+    return hosts
+
+
 def environment() -> dict[str, str]:
     """The process environment over the nearest .env file (the environment wins)."""
     from dotenv import dotenv_values, find_dotenv
@@ -265,6 +307,8 @@ def load_config(env: Mapping[str, str] | None = None, **overrides: Any) -> Confi
         max_image_bytes=_env_int(env, "MAX_IMAGE_BYTES", 20 * 1024 * 1024, 1024, 1 << 31),
         max_image_pixels=_env_int(env, "MAX_IMAGE_PIXELS", 64_000_000, 1, 1 << 34),
         max_images=_env_int(env, "MAX_IMAGES", 4, 1, 64),
+        max_total_pixels=_env_int(env, "MAX_TOTAL_PIXELS", 0, 0, 1 << 36),
+        read_timeout=float(_env_int(env, "READ_TIMEOUT", 30, 1, 3600)),
         max_model_len=_env_int(env, "MAX_MODEL_LEN", 0, 0, 1 << 24),
         torch_threads=_env_int(env, "TORCH_THREADS", 0, 0, 1024),
         generation_backend=_env_choice(env, "GENERATION_BACKEND", "auto", GENERATION_BACKEND_CHOICES),
@@ -273,6 +317,7 @@ def load_config(env: Mapping[str, str] | None = None, **overrides: Any) -> Confi
         remote_image_timeout=float(_env_int(env, "REMOTE_IMAGE_TIMEOUT", 10, 1, 300)),
         api_key=_env_str(env, "API_KEY", "") or None,
         allowed_origins=_env_origins(env),
+        allowed_hosts=_env_hosts(env),
         demo=_env_bool(env, "DEMO", False),
         demo_dir=_env_str(env, "DEMO_MODEL_DIR", str(Path.home() / ".cache" / "hcx-server" / DEMO_MODEL_NAME)),
         backend=backend,
@@ -340,6 +385,7 @@ class LoadedModel:
     keep_last_logits: bool = False  # the decoder takes logits_to_keep=1
     static: Any = None  # StaticDecode: the static KV cache (and compiled step) made at load
     grammar_tokenizer: Any = None  # llguidance's tokenizer, made on the first structured-output request
+    max_token_chars: int = 0  # characters one token stands for at most; 0 = unknown (longest_token_chars)
 
 
 def resolve_device(cfg: Config) -> torch.device:
@@ -790,6 +836,50 @@ def context_length(model, tokenizer) -> int:
     return limit if 0 < limit < 10**7 else 16384
 
 
+# Normalizers that never shrink a text by more than the factor given (NFC/NFKC compose at most 4
+# code points into one); any other (Strip, BertNormalizer, a precompiled map, a regex) may delete.
+SHRINK_FACTORS = {"NFC": 4, "NFKC": 4, "NFD": 1, "NFKD": 1, "Lowercase": 1, "Prepend": 1}
+
+
+def _normalizer_shrink(node) -> int | None:
+    """How many characters may become one under this normalizer (None: unbounded or unknown)."""
+    if node is None:
+        return 1
+    kind = node.get("type")
+    if kind == "Sequence":
+        factor = 1
+        for child in node.get("normalizers", []):
+            child_factor = _normalizer_shrink(child)
+            if child_factor is None:
+                return None
+            factor *= child_factor
+        return factor
+    if kind == "Replace":  # a plain string replaced by one at least as long (SentencePiece's " " -> "▁")
+        pattern, content = node.get("pattern", {}).get("String"), node.get("content", "")
+        return 1 if isinstance(pattern, str) and len(content) >= len(pattern) > 0 else None
+    return SHRINK_FACTORS.get(kind)
+
+
+def longest_token_chars(tokenizer) -> int:
+    """The most characters one token can stand for, when the tokenizer bounds that: a BPE whose
+    every input byte is a token (byte-level, or byte fallback) behind a normalizer that cannot
+    delete text. Then a prompt longer than context x this cannot fit, which is found without
+    tokenizing it (a 31 MB prompt took 86 s and 7.7 GB to tokenize). 0 when unknown."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return 0
+    try:
+        spec = json.loads(backend.to_str())
+    except (ValueError, TypeError, AttributeError):
+        return 0
+    model = spec.get("model") or {}
+    every_byte = model.get("byte_fallback") or "ByteLevel" in json.dumps(spec.get("pre_tokenizer"))
+    shrink = _normalizer_shrink(spec.get("normalizer"))
+    if model.get("type") != "BPE" or not every_byte or shrink is None:
+        return 0
+    return shrink * max((len(token) for token in tokenizer.get_vocab()), default=0)
+
+
 def load_model(cfg: Config) -> LoadedModel:
     """Locate (or download), check the folder, load with the target dtype directly, move to the device."""
     started = time.perf_counter()
@@ -827,7 +917,7 @@ def load_model(cfg: Config) -> LoadedModel:
                          dtype=dtype, vision_dtype=vision_dtype, stop_token_ids=stops, pad_token_id=pad,
                          context_length=cfg.max_model_len or window, revision=info.revision,
                          image_token_id=image_token_id(model, tokenizer) if info.kind != "text" else None,
-                         demo=cfg.demo, note="; ".join(notes))
+                         demo=cfg.demo, note="; ".join(notes), max_token_chars=longest_token_chars(tokenizer))
     loaded.generation_backend = prepare_generation_backend(cfg, loaded)
     loaded.load_seconds = time.perf_counter() - started
     log.info("model ready in %.1f s: %s interface, revision %s, context %d tokens, stop ids %s, %s generation",
@@ -960,7 +1050,38 @@ class GenerationRequest:
         return sum(len(m.images) for m in self.messages)
 
 
-def decode_image(data: str, cfg: Config, param: str = "image_base64") -> Image.Image:
+class ImageBudget:
+    """What one request may decode, checked before any pixel is: its images were counted first
+    (MAX_IMAGES, from the list lengths alone), and each image's pixels, read from its header, are
+    added up before it is decoded (MAX_TOTAL_PIXELS). Without it 12 image parts of a 3 MB body
+    were all decoded (3.7 GB) before the image count was checked."""
+
+    def __init__(self, cfg: Config, count: int, param: str = "messages"):
+        if count > cfg.max_images:
+            raise too_many_images(cfg, count, param)
+        self.cfg, self.pixels = cfg, 0
+
+    def admit(self, width: int, height: int, param: str) -> None:
+        self.pixels += width * height
+        if self.pixels > self.cfg.pixel_budget:
+            raise InputError(f"the images of this request add up to over {self.pixels} pixels, more than "
+                             f"MAX_TOTAL_PIXELS={self.cfg.pixel_budget}", param=param, code="image_too_large")
+
+
+def too_many_images(cfg: Config, count: int, param: str = "messages") -> InputError:
+    return InputError(f"{count} images sent; at most MAX_IMAGES={cfg.max_images} per request", param=param,
+                      code="too_many_images")
+
+
+def count_image_parts(messages, parts: Mapping[str, str]) -> int:
+    """Image parts in chat-style messages (content lists), counted without decoding anything."""
+    if not isinstance(messages, list):
+        return 0
+    return sum(1 for message in messages if isinstance(message, dict) and isinstance(message.get("content"), list)
+               for part in message["content"] if isinstance(part, dict) and parts.get(part.get("type")) == "image")
+
+
+def decode_image(data: str, cfg: Config, param: str = "image_base64", budget: ImageBudget | None = None) -> Image.Image:
     """base64 (with or without a data: URL prefix, line breaks allowed) -> RGB PIL image."""
     text = data.strip()
     match = DATA_URL.match(text)
@@ -983,7 +1104,7 @@ def decode_image(data: str, cfg: Config, param: str = "image_base64") -> Image.I
                                 "optionally prefixed by data:image/...;base64,") from None
     if not raw:
         raise InputError(f"{param} decodes to zero bytes", param=param, code="invalid_image")
-    return open_image(raw, cfg, param)
+    return open_image(raw, cfg, param, budget)
 
 
 def image_too_large(cfg: Config, param: str) -> InputError:
@@ -997,8 +1118,9 @@ SOURCE_BYTES = "hcx_source_bytes"
 SOURCE_FORMATS = ("JPEG", "PNG", "WEBP")
 
 
-def open_image(raw: bytes, cfg: Config, param: str = "image") -> Image.Image:
-    """Open with Pillow, refuse bombs before decoding pixels, apply EXIF rotation, flatten to RGB."""
+def open_image(raw: bytes, cfg: Config, param: str = "image", budget: ImageBudget | None = None) -> Image.Image:
+    """Open with Pillow, refuse bombs (and pixels over the request's budget) from the header before
+    decoding, apply EXIF rotation in place, flatten to RGB (no copy of what already is RGB)."""
     if len(raw) > cfg.max_image_bytes:
         raise image_too_large(cfg, param)
     try:
@@ -1007,11 +1129,14 @@ def open_image(raw: bytes, cfg: Config, param: str = "image") -> Image.Image:
             if width * height > cfg.max_image_pixels:
                 raise InputError(f"image is {width}x{height} = {width * height} pixels, over "
                                  f"MAX_IMAGE_PIXELS={cfg.max_image_pixels}", param=param, code="image_too_large")
+            if budget is not None:
+                budget.admit(width, height, param)
             img.load()
             unchanged = (img.format in SOURCE_FORMATS and img.mode == "RGB" and "transparency" not in img.info
                          and img.getexif().get(0x0112, 1) == 1)
             source = (Image.MIME[img.format], raw) if unchanged else None
-            img = flatten_to_rgb(ImageOps.exif_transpose(img))
+            ImageOps.exif_transpose(img, in_place=True)
+            img = flatten_to_rgb(img)
             if source is not None:
                 img.info[SOURCE_BYTES] = source
             return img
@@ -1029,9 +1154,12 @@ def flatten_to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
         background = Image.new("RGB", img.size, (255, 255, 255))
-        background.paste(img.convert("RGBA"), mask=img.convert("RGBA").getchannel("A"))
+        background.paste(rgba, mask=rgba.getchannel("A"))
         return background
+    if img.mode == "RGB":  # decoded by Image.open: no file behind it any more, no copy needed
+        return img
     return img.convert("RGB")
 
 
@@ -1112,14 +1240,15 @@ def with_system_prompt(messages: list[Message], cfg: Config) -> list[Message]:
     return messages
 
 
-def image_from_path(path: str, cfg: Config, param: str = "image_path") -> Image.Image:
+def image_from_path(path: str, cfg: Config, param: str = "image_path",
+                    budget: ImageBudget | None = None) -> Image.Image:
     """A local file (stdio MCP and the CLI run as the user, so reading their files is fine)."""
     try:
         raw = Path(os.path.expanduser(path)).read_bytes()
     except OSError as exc:
         raise InputError(f"cannot read {param} {path!r}: {exc.strerror or exc}", param=param,
                          code="invalid_image") from None
-    return open_image(raw, cfg, param)
+    return open_image(raw, cfg, param, budget)
 
 
 def prompt_request(body: Mapping, cfg: Config, allow_image_path: bool = False) -> GenerationRequest:
@@ -1132,9 +1261,11 @@ def prompt_request(body: Mapping, cfg: Config, allow_image_path: bool = False) -
     if image_path and not allow_image_path:
         raise InputError("'image_path' is only accepted over stdio (hcx-cli mcp); send image_base64",
                          param="image_path", code="invalid_value")
-    images = [decode_image(image_b64, cfg)] if image_b64 and image_b64.strip() else []
+    with_b64 = bool(image_b64 and image_b64.strip())
+    budget = ImageBudget(cfg, with_b64 + bool(image_path), "image_path" if image_path else "image_base64")
+    images = [decode_image(image_b64, cfg, budget=budget)] if with_b64 else []
     if image_path:
-        images.append(image_from_path(image_path, cfg))
+        images.append(image_from_path(image_path, cfg, budget=budget))
     messages = with_system_prompt([Message("user", prompt, images)], cfg)
     constraint = json_constraint(schema_field(body["json_schema"], "json_schema"), "json_schema") \
         if body.get("json_schema") is not None else None
@@ -1176,29 +1307,55 @@ def openai_stop(value, most: int = 4) -> tuple[str, ...]:
     return tuple(s for s in stops if s)
 
 
-def image_from_url(url: str, cfg: Config, param: str) -> Image.Image:
+def image_from_url(url: str, cfg: Config, param: str, budget: ImageBudget | None = None) -> Image.Image:
     """data: URLs always; http(s) only when ALLOW_REMOTE_IMAGES=1 (and never to private addresses)."""
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "data":
-        return decode_image(url, cfg, param)
+        return decode_image(url, cfg, param, budget)
     if scheme in ("http", "https"):
         if not cfg.allow_remote_images:
             raise InputError("remote image URLs are disabled: send a data:image/...;base64 URL "
                              "(or start the server with ALLOW_REMOTE_IMAGES=1)", param=param, code="invalid_image_url")
-        return fetch_remote_image(url, cfg, param)
+        return fetch_remote_image(url, cfg, param, budget=budget)
     raise InputError("image_url must be a data: URL (or http(s) with ALLOW_REMOTE_IMAGES=1)", param=param,
                      code="invalid_image_url")
 
 
+def embedded_ipv4(address):
+    """The IPv4 address an IPv6 one carries, if it is one of the forms that reach IPv4 hosts:
+    mapped (::ffff:a.b.c.d), translated (::ffff:0:a.b.c.d), compatible (::a.b.c.d), NAT64
+    (64:ff9b::/96), 6to4 (2002::/16) and Teredo (its client address)."""
+    import ipaddress
+
+    if address.version != 6:
+        return None
+    if address.ipv4_mapped or address.sixtofour:
+        return address.ipv4_mapped or address.sixtofour
+    if address.teredo:
+        return address.teredo[1]
+    value, low = int(address), ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    for prefix in ("::ffff:0:0:0/96", "64:ff9b::/96", "::/96"):
+        if address in ipaddress.ip_network(prefix) and (prefix != "::/96" or value > 0xFFFF):
+            return low
+    return None
+
+
 def is_blocked_address(address) -> bool:
-    """Loopback, private, link-local, reserved, multicast: never fetched (SSRF guard)."""
-    mapped = getattr(address, "ipv4_mapped", None)
-    address = mapped or address
+    """Loopback, private, link-local, reserved, multicast -- also when an IPv6 form wraps such an
+    IPv4 address (::127.0.0.1, 64:ff9b::7f00:1, 2002:7f00:1::, ...): never fetched (SSRF guard)."""
+    import ipaddress
+
+    inner = embedded_ipv4(address)
+    if inner is not None and (not inner.is_global or inner.is_multicast):
+        return True
+    if address.version == 6 and address in ipaddress.ip_network("64:ff9b:1::/48"):  # local-use NAT64 (RFC 8215)
+        return True
     return not address.is_global or address.is_multicast
 
 
 def fetch_remote_image(url: str, cfg: Config, param: str = "image_url",
-                       blocked: Callable[[Any], bool] = is_blocked_address) -> Image.Image:
+                       blocked: Callable[[Any], bool] = is_blocked_address,
+                       budget: ImageBudget | None = None) -> Image.Image:
     """GET an image with a byte limit and a deadline, connecting only to the checked address."""
     import http.client
     import ipaddress
@@ -1262,14 +1419,14 @@ def fetch_remote_image(url: str, cfg: Config, param: str = "image_url",
     finally:
         watchdog.cancel()
         conn.close()
-    return open_image(b"".join(chunks), cfg, param)
+    return open_image(b"".join(chunks), cfg, param, budget)
 
 
 CHAT_PARTS = {"text": "text", "image_url": "image"}  # content part type -> what it carries
 
 
 def openai_message(index: int, message, cfg: Config, field: str = "messages",
-                   parts: Mapping[str, str] = CHAT_PARTS) -> Message:
+                   parts: Mapping[str, str] = CHAT_PARTS, budget: ImageBudget | None = None) -> Message:
     """One chat-style message {role, content: str | [parts]} -> Message; the Responses API shares it
     with its own part names (`parts`) and field name (`input`)."""
     where = f"{field}[{index}]"
@@ -1306,7 +1463,7 @@ def openai_message(index: int, message, cfg: Config, field: str = "messages",
                 hint = "; file_id needs a Files API this server does not have" if part.get("file_id") else ""
                 raise InputError(f"{at}.image_url must be a URL string{hint}", param=f"{at}.image_url",
                                  code="invalid_type")
-            images.append(image_from_url(url, cfg, f"{at}.image_url"))
+            images.append(image_from_url(url, cfg, f"{at}.image_url", budget))
         else:
             raise InputError(f"{at} must be a text part ({text_part}) or, in a user message, an image part "
                              f"({image_part})", param=at, code="invalid_value")
@@ -1321,7 +1478,8 @@ def openai_request(body: Mapping, cfg: Config) -> GenerationRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InputError("'messages' must be a non-empty list", param="messages", code="invalid_value")
-    parsed = [openai_message(i, m, cfg) for i, m in enumerate(messages)]
+    budget = ImageBudget(cfg, count_image_parts(messages, CHAT_PARTS))
+    parsed = [openai_message(i, m, cfg, budget=budget) for i, m in enumerate(messages)]
     if not any(m.role == "user" for m in parsed):
         raise InputError("'messages' needs at least one user message", param="messages", code="invalid_value")
     if field_str(body, "model") is None and "model" in body:
@@ -1573,7 +1731,8 @@ def responses_input(value, cfg: Config, recall: Callable[[Any], str | None]) -> 
     if not isinstance(value, list) or not value:
         raise InputError("'input' must be a string or a non-empty list of message items", param="input",
                          code="invalid_value")
-    messages = []
+    items = [item for item in value if isinstance(item, dict) and item.get("type", "message") == "message"]
+    budget, messages = ImageBudget(cfg, count_image_parts(items, RESPONSES_PARTS), "input"), []
     for i, item in enumerate(value):
         kind = item.get("type", "message") if isinstance(item, dict) else None
         if kind == "item_reference":
@@ -1583,7 +1742,7 @@ def responses_input(value, cfg: Config, recall: Callable[[Any], str | None]) -> 
                                  f"server keeps{NO_STORED_STATE}", param=f"input[{i}]", code="item_not_found")
             messages.append(Message("assistant", text))
         elif kind == "message":
-            messages.append(openai_message(i, item, cfg, field="input", parts=RESPONSES_PARTS))
+            messages.append(openai_message(i, item, cfg, field="input", parts=RESPONSES_PARTS, budget=budget))
         else:
             raise InputError(f"input[{i}] is a {kind!r} item; only message items (and item_reference) are supported",
                              param=f"input[{i}]", code="unsupported_parameter" if isinstance(kind, str) else "invalid_type")
@@ -1657,16 +1816,17 @@ def ollama_model_field(body: Mapping) -> str:
     return model
 
 
-def ollama_images(value, cfg: Config, where: str) -> list[Image.Image]:
+def ollama_images(value, cfg: Config, where: str, budget: ImageBudget | None = None) -> list[Image.Image]:
     """`images`: a list of base64 strings (Ollama sends no data: prefix; one is accepted)."""
     if value is None:
         return []
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise InputError(f"'{where}' must be a list of base64 strings", param=where, code="invalid_type")
-    return [decode_image(v, cfg, f"{where}[{j}]") for j, v in enumerate(value)]
+    budget = budget or ImageBudget(cfg, len(value), where)
+    return [decode_image(v, cfg, f"{where}[{j}]", budget) for j, v in enumerate(value)]
 
 
-def ollama_message(index: int, message, cfg: Config) -> Message:
+def ollama_message(index: int, message, cfg: Config, budget: ImageBudget | None = None) -> Message:
     where = f"messages[{index}]"
     if not isinstance(message, dict):
         raise InputError(f"{where} must be an object", param=where, code="invalid_type")
@@ -1680,11 +1840,19 @@ def ollama_message(index: int, message, cfg: Config) -> Message:
     content = message.get("content")
     if content is not None and not isinstance(content, str):
         raise InputError(f"{where}.content must be a string", param=f"{where}.content", code="invalid_type")
-    images = ollama_images(message.get("images"), cfg, f"{where}.images")
+    images = ollama_images(message.get("images"), cfg, f"{where}.images", budget)
     if images and role != "user":
         raise InputError(f"{where}.images: images go in user messages", param=f"{where}.images",
                          code="invalid_value")
     return Message(role, content or "", images)
+
+
+def ollama_loads_only(body: Mapping, chat: bool) -> bool:
+    """Ollama's load-only call: /api/chat without messages, /api/generate without prompt or images."""
+    if chat:
+        return body.get("messages") in (None, [])
+    prompt = body.get("prompt")
+    return not (isinstance(prompt, str) and prompt.strip()) and not body.get("images")
 
 
 def ollama_chat_request(body: Mapping, cfg: Config) -> GenerationRequest | None:
@@ -1692,11 +1860,13 @@ def ollama_chat_request(body: Mapping, cfg: Config) -> GenerationRequest | None:
     ollama_model_field(body)
     sampling = ollama_sampling(body, cfg)
     messages = body.get("messages")
-    if messages is None or messages == []:
+    if ollama_loads_only(body, chat=True):
         return None
     if not isinstance(messages, list):
         raise InputError("'messages' must be a list", param="messages", code="invalid_type")
-    parsed = [ollama_message(i, m, cfg) for i, m in enumerate(messages)]
+    count = sum(len(m["images"]) for m in messages if isinstance(m, dict) and isinstance(m.get("images"), list))
+    budget = ImageBudget(cfg, count)
+    parsed = [ollama_message(i, m, cfg, budget) for i, m in enumerate(messages)]
     if not any(m.role == "user" for m in parsed):
         raise InputError("'messages' needs at least one user message", param="messages", code="invalid_value")
     return ollama_with_format(body, with_system_prompt(parsed, cfg), sampling)
@@ -1708,9 +1878,9 @@ def ollama_generate_request(body: Mapping, cfg: Config) -> GenerationRequest | N
     ollama_model_field(body)
     sampling = ollama_sampling(body, cfg)
     prompt = field_str(body, "prompt") or ""
-    images = ollama_images(body.get("images"), cfg, "images")
-    if not prompt.strip() and not images:
+    if ollama_loads_only(body, chat=False):
         return None
+    images = ollama_images(body.get("images"), cfg, "images")
     system = field_str(body, "system")
     messages = ([Message("system", system)] if system else []) + [Message("user", prompt, images)]
     return ollama_with_format(body, with_system_prompt(messages, cfg), sampling)
@@ -1865,8 +2035,19 @@ INPUT_BUILDERS = {"hcx-v1": build_hcx_v1_inputs, "hcx-v2": build_hcx_v2_inputs, 
                   "text": build_text_inputs}
 
 
+def refuse_text_beyond_context(m: LoadedModel, req: GenerationRequest) -> None:
+    """Text that certainly cannot fit is refused before it is tokenized: more characters than the
+    context times the most characters one token stands for (`max_token_chars`, found at load)."""
+    chars = sum(len(msg.text) for msg in req.messages)
+    if m.max_token_chars and chars > m.context_length * m.max_token_chars:
+        raise InputError(f"this model's context is {m.context_length} tokens; the prompt has {chars} characters, "
+                         f"more than {m.context_length} tokens of at most {m.max_token_chars} characters can hold",
+                         code="context_length_exceeded", param="messages")
+
+
 def build_inputs(m: LoadedModel, req: GenerationRequest) -> ModelInputs:
     """Tensors for one request; image/processor failures are the client's (400), with the reason."""
+    refuse_text_beyond_context(m, req)
     if req.constraint is not None:  # the model is told what the grammar will enforce (an upstream tells its own)
         req = dataclasses.replace(req, messages=with_constraint_instructions(req.messages, req.constraint))
     try:
@@ -1915,6 +2096,38 @@ class Completion:
     total_s: float
 
 
+class Slot:
+    """One place among the MAX_QUEUE + 1 requests the engine takes at a time (generating or waiting).
+    Routes take it before decoding a request's images, so at most that many requests hold decoded
+    pixels; a job owns it once submitted and the engine frees it when the job ends. Used as a
+    context manager, it is freed on leaving unless a job took it."""
+
+    def __init__(self, engine: "Engine"):
+        self.engine, self.taken, self.freed = engine, False, False
+
+    def release(self) -> None:
+        with self.engine.lock:
+            if not self.freed:
+                self.freed = True
+                self.engine.admitted -= 1
+
+    def __enter__(self) -> "Slot":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.taken:
+            self.release()
+
+
+def admit(engine, capacity: int, busy: str) -> Slot:
+    """One of `capacity` places (engine.admitted counts the taken ones, under engine.lock), or Busy."""
+    with engine.lock:
+        if engine.admitted >= capacity:
+            raise Busy(f"server busy: {busy}; retry shortly")
+        engine.admitted += 1
+    return Slot(engine)
+
+
 @dataclass
 class Job:
     """One request's trip through the engine: tensors in, token ids out through a queue."""
@@ -1922,6 +2135,7 @@ class Job:
     request: GenerationRequest
     inputs: ModelInputs
     max_new_tokens: int
+    slot: Slot | None = None
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
@@ -2598,8 +2812,9 @@ def describe_failure(exc: BaseException) -> str:
 class Engine:
     """Owns the model and ONE generation thread; requests wait in a bounded queue for it.
 
-    A single thread is the lock that serializes use of the model. A job whose client left
-    while it waited is dropped without running.
+    A single thread is the lock that serializes use of the model. At most MAX_QUEUE + 1 requests
+    hold a Slot (one generating, MAX_QUEUE waiting; MAX_QUEUE=0: none waits); more are Busy. A job
+    whose client left while it waited is dropped without running.
     """
 
     def __init__(self, cfg: Config):
@@ -2607,7 +2822,9 @@ class Engine:
         self.model: LoadedModel | None = None
         self.state = "loading"
         self.error: str | None = None
-        self.jobs: queue.Queue[Job] = queue.Queue(maxsize=cfg.max_queue)
+        self.jobs: queue.Queue[Job] = queue.Queue()  # bounded by the slots
+        self.lock = threading.Lock()
+        self.admitted = 0  # slots held: requests decoding their images, queued or generating
         self.running: Job | None = None
         self.stats = {"jobs_done": 0, "jobs_failed": 0, "jobs_cancelled": 0, "jobs_skipped": 0,
                       "tokens_generated": 0}
@@ -2640,6 +2857,7 @@ class Engine:
             job = self.jobs.get()
             if job.cancelled.is_set():
                 self.stats["jobs_skipped"] += 1
+                job.slot.release()
                 job.events.put(("done", None))
                 continue
             self.running = job
@@ -2648,9 +2866,11 @@ class Engine:
             except Exception as exc:  # noqa: BLE001 - the engine thread must never die
                 self.stats["jobs_failed"] += 1
                 log.error("generation failed: %s", exc, exc_info=not isinstance(exc, torch.OutOfMemoryError))
+                job.slot.release()
                 job.events.put(("error", describe_failure(exc)))
             else:
                 self.stats["jobs_cancelled" if job.cancelled.is_set() else "jobs_done"] += 1
+                job.slot.release()
                 job.events.put(("done", None))
             finally:
                 self.running = None
@@ -2672,24 +2892,34 @@ class Engine:
         raise ModelNotReady("the model is still loading; retry when /health says ok")
 
     # -- requests --
-    def submit(self, req: GenerationRequest) -> Job:
-        """Build tensors and check limits in the caller's thread, then queue (or refuse) the job."""
+    def reserve(self) -> Slot:
+        """A place for one more request, or Busy when MAX_QUEUE + 1 are taken."""
+        waiting = f"{self.cfg.max_queue} requests already waiting" if self.cfg.max_queue else \
+            "a request is being served and MAX_QUEUE=0 lets none wait"
+        return admit(self, self.cfg.max_queue + 1, waiting)
+
+    def submit(self, req: GenerationRequest, slot: Slot | None = None) -> Job:
+        """Build tensors and check limits in the caller's thread, then queue the job in its slot
+        (reserved here when the caller holds none; a failure frees the slot)."""
         m = self.require_model()
         check_image_count(req, self.cfg)
         if req.constraint is not None:
             check_constraint(m, req.constraint)
-        inputs = build_inputs(m, req)
-        job = Job(req, inputs, fit_to_context(m, req, inputs.prompt_tokens))
+        slot = slot or self.reserve()
         try:
-            self.jobs.put_nowait(job)
-        except queue.Full:
-            raise Busy(f"server busy: {self.cfg.max_queue} requests already waiting; retry shortly") from None
+            inputs = build_inputs(m, req)
+            job = Job(req, inputs, fit_to_context(m, req, inputs.prompt_tokens), slot)
+        except BaseException:
+            slot.release()
+            raise
+        slot.taken = True
+        self.jobs.put(job)
         return job
 
     def stream(self, req: GenerationRequest, client_gone: Callable[[], bool] | None = None,
-               whole: bool = False) -> TextStream:
+               whole: bool = False, slot: Slot | None = None) -> TextStream:
         """submit() and follow the job (`whole` matters only to an UpstreamPool)."""
-        return TextStream(self.model, self.submit(req), client_gone)
+        return TextStream(self.model, self.submit(req, slot), client_gone)
 
     @property
     def queue_depth(self) -> int:
@@ -2704,11 +2934,15 @@ class Engine:
         """The served context window, once loaded."""
         return self.model.context_length if self.state == "ready" else None
 
+    @property
+    def idle(self) -> bool:
+        """No request holds a slot: nothing decodes, waits or generates."""
+        return self.admitted == 0
+
 
 def check_image_count(req: GenerationRequest, cfg: Config) -> None:
     if req.image_count > cfg.max_images:
-        raise InputError(f"{req.image_count} images sent; at most MAX_IMAGES={cfg.max_images} "
-                         "per request", code="too_many_images", param="messages")
+        raise too_many_images(cfg, req.image_count)
 
 
 class Detokenizer:
@@ -2853,18 +3087,18 @@ class TextStream:
 
 
 def stream(engine: Engine | UpstreamPool, req: GenerationRequest, client_gone: Callable[[], bool] | None = None,
-           whole: bool = False) -> TextStream | UpstreamStream:
+           slot: Slot | None = None, whole: bool = False) -> TextStream | UpstreamStream:
     """Queue the request now (so errors surface before any byte is sent); iterate for text. The engine
-    is the local model's or, with BACKEND=openai, the pool of upstreams: the same interface. `whole`:
-    the caller joins the answer, so nothing reaches its client before the end (an upstream that
-    breaks off midway may then be replaced)."""
-    return engine.stream(req, client_gone, whole)
+    is the local model's or, with BACKEND=openai, the pool of upstreams: the same interface. `slot`:
+    the place the route reserved before decoding images; `whole`: the caller joins the answer, so
+    nothing reaches its client before the end (an upstream that breaks off midway may be replaced)."""
+    return engine.stream(req, client_gone, whole, slot)
 
 
-def generate(engine: Engine | UpstreamPool, req: GenerationRequest,
-             client_gone: Callable[[], bool] | None = None) -> Completion:
+def generate(engine: Engine | UpstreamPool, req: GenerationRequest, client_gone: Callable[[], bool] | None = None,
+             slot: Slot | None = None) -> Completion:
     """The whole answer at once: the same path as stream(), joined."""
-    text_stream = stream(engine, req, client_gone, whole=True)
+    text_stream = stream(engine, req, client_gone, slot, whole=True)
     text = "".join(text_stream)
     return dataclasses.replace(text_stream.completion, text=text)
 
@@ -3040,6 +3274,7 @@ class UpstreamPool:
         self.upstreams = [Upstream(url, without_userinfo(url)) for url in cfg.upstream_urls]
         self.limit = max(cfg.max_queue, 1)
         self.lock = threading.Lock()
+        self.admitted = 0  # requests being read (their images decoded) before they go upstream
         self.wake = threading.Event()
         self.state = "loading"  # loading (the first probes) | ready
         self.error: str | None = None
@@ -3172,8 +3407,17 @@ class UpstreamPool:
         return max(1, math.ceil(min((u.next_probe for u in self.upstreams if u.state != "up"), default=now + 1) - now))
 
     # -- requests --
+    def reserve(self) -> Slot:
+        """A place for one more request being read and decoded; the route frees it once the request
+        is sent (the upstreams' own MAX_QUEUE each bounds what is in flight there)."""
+        return admit(self, self.cfg.capacity, f"{self.cfg.capacity} requests already being read")
+
+    @property
+    def idle(self) -> bool:
+        return self.admitted == 0 and self.in_flight == 0
+
     def stream(self, req: GenerationRequest, client_gone: Callable[[], bool] | None = None,
-               whole: bool = False) -> UpstreamStream:
+               whole: bool = False, slot: Slot | None = None) -> UpstreamStream:
         """Check what the front can, then send the request upstream: its answer status (and any refusal)
         is known before this returns, like Engine.submit's."""
         self.require_model()
@@ -4067,41 +4311,70 @@ def tool_result(text: str, is_error: bool = False) -> dict:
     return {"content": [{"type": "text", "text": text}], "isError": is_error}
 
 
+class TooManySessions(Exception):
+    """Every session slot is held by a session used within MCP_SESSION_IDLE_S."""
+
+
 class McpServer:
     """The MCP protocol (tools only) over any transport: messages in, messages out.
 
     handle() yields progress notifications while a tool runs (when asked for) and then the
     response; it yields nothing for notifications. Handshake-era sessions are just ids with a
     protocol version; in-flight tool calls are kept so notifications/cancelled can stop them.
+
+    Sessions: at most MAX_SESSIONS. When they are all taken, a new initialize evicts the sessions
+    idle longest, but only those idle for SESSION_IDLE_S or more; if none is, the initialize is
+    refused (503) instead, so a flood of initialize calls cannot evict sessions in use. (Bounding
+    sessions per client would not help: on loopback every client has the same address.) An
+    evicted client gets 404 and initializes again, as the spec says.
     """
 
     MAX_SESSIONS = 1024
+    SESSION_IDLE_S = 300.0
 
     def __init__(self, engine: Engine | UpstreamPool, stdio: bool = False):
         self.engine, self.stdio = engine, stdio
         self.sessions: dict[str, str] = {}  # id -> negotiated protocol version
+        self.last_used: dict[str, float] = {}  # id -> monotonic time, least recently used first
         self.inflight: dict[tuple[str, str], TextStream] = {}
         self.lock = threading.Lock()
 
     # -- sessions (handshake era) --
     def open_session(self, version: str) -> str:
+        """A new session id; TooManySessions when every slot is held by a session in use."""
         with self.lock:
+            now = time.monotonic()
             while len(self.sessions) >= self.MAX_SESSIONS:
-                self.sessions.pop(next(iter(self.sessions)))
+                oldest = next(iter(self.last_used))
+                if now - self.last_used[oldest] < self.SESSION_IDLE_S:
+                    raise TooManySessions(f"{len(self.sessions)} MCP sessions are open and in use; retry later or "
+                                          "end unused sessions (DELETE /mcp)")
+                self.sessions.pop(oldest)
+                self.last_used.pop(oldest)
             session = uuid.uuid4().hex
             self.sessions[session] = version
+            self.last_used[session] = now
             return session
 
     def has_session(self, session: str) -> bool:
-        return session in self.sessions
+        """Whether the session exists; using it marks it recently used."""
+        with self.lock:
+            if session not in self.sessions:
+                return False
+            self.last_used.pop(session)
+            self.last_used[session] = time.monotonic()
+            return True
 
     def close_session(self, session: str) -> bool:
         with self.lock:
+            self.last_used.pop(session, None)
             return self.sessions.pop(session, None) is not None
 
     # -- messages --
     def handle(self, msg, session: str = "", client_gone: Callable[[], bool] | None = None,
-               progress: bool = False, access: dict | None = None) -> Iterator[dict]:
+               progress: bool = False, access: dict | None = None, slot: Slot | Busy | None = None) -> Iterator[dict]:
+        """`slot`: the queue place a tools/call runs in (a batch reserves them up front; Busy when
+        it got none); None: taken when the call is submitted."""
         if not isinstance(msg, dict) or msg.get("jsonrpc") != "2.0":
             yield jsonrpc_error(readable_id(msg), -32600, "invalid request: expected a JSON-RPC 2.0 object")
             return
@@ -4121,7 +4394,7 @@ class McpServer:
                 raise McpError(-32602, "'params' must be an object")
             version = self.request_version(params)
             if method == "tools/call":
-                for reply in self.call_tool(msg_id, params, session, client_gone, progress, access):
+                for reply in self.call_tool(msg_id, params, session, client_gone, progress, access, slot):
                     yield self.stamped(reply, version)
                 return
             yield self.stamped({"jsonrpc": "2.0", "id": msg_id, "result": self.dispatch(method, params, version)},
@@ -4185,7 +4458,7 @@ class McpServer:
                 pieces.cancel()
 
     def call_tool(self, msg_id, params: dict, session: str, client_gone, progress: bool,
-                  access: dict | None = None) -> Iterator[dict]:
+                  access: dict | None = None, slot: Slot | Busy | None = None) -> Iterator[dict]:
         """Run the tool; input problems and busy/not-ready are tool errors (isError), not transport errors."""
         if params.get("name") != TOOL_NAME:
             raise McpError(-32602, f"unknown tool: {params.get('name')!r} (this server has {TOOL_NAME!r})")
@@ -4197,7 +4470,11 @@ class McpServer:
         try:
             if self.stdio:
                 self.engine.wait_ready()
-            pieces = stream(self.engine, prompt_request(arguments, self.engine.cfg, self.stdio), client_gone)
+            if isinstance(slot, Busy):
+                raise slot
+            with slot or self.engine.reserve() as held:  # taken before the image is decoded
+                pieces = stream(self.engine, prompt_request(arguments, self.engine.cfg, self.stdio), client_gone,
+                                held)
         except InputError as exc:
             yield {"jsonrpc": "2.0", "id": msg_id, "result": tool_result(f"invalid input: {exc.message}", True)}
             return
@@ -4268,20 +4545,65 @@ def mcp_http(mcp: McpServer) -> Response:
     return mcp_handshake_http(mcp, message, "")
 
 
+MCP_MAX_BATCH = 16  # messages in one 2025-03-26 batch (clients send a few; later versions dropped batches)
+
+
+def is_tool_call(msg) -> bool:
+    return isinstance(msg, dict) and msg.get("method") == "tools/call" and "id" in msg
+
+
+def mcp_batch(mcp: McpServer, batch: list, session: str, gone: Callable[[], bool], access: dict | None) -> Response:
+    """A 2025-03-26 batch: at most MCP_MAX_BATCH messages; its tool calls take their places in the
+    queue up front (those beyond the free places answer 'server busy'), run one after another,
+    and once the client has gone the rest is not started."""
+    if not batch:
+        return mcp_json(jsonrpc_error(None, -32600, "invalid request: empty batch"), 400)
+    if len(batch) > MCP_MAX_BATCH:
+        return mcp_json(jsonrpc_error(None, -32600, f"invalid request: a batch of {len(batch)} messages; at most "
+                                                    f"{MCP_MAX_BATCH} per batch"), 400)
+    slots: list[Slot | Busy] = []
+    for _ in range(sum(map(is_tool_call, batch))):
+        try:
+            slots.append(mcp.engine.reserve())
+        except Busy as exc:
+            slots.append(exc)
+    replies = []
+    try:
+        for msg in batch:
+            if gone():
+                log.info("MCP client gone: %d message(s) of its batch not started", len(batch) - len(replies))
+                break
+            slot = slots.pop(0) if is_tool_call(msg) else None
+            try:
+                replies += mcp.handle(msg, session, gone, access=access, slot=slot)
+            finally:
+                if isinstance(slot, Slot) and not slot.taken:  # refused before it was submitted
+                    slot.release()
+    finally:
+        for slot in slots:
+            if isinstance(slot, Slot):
+                slot.release()
+    return mcp_json(replies, 200) if replies else Response(status=202)
+
+
 def mcp_handshake_http(mcp: McpServer, message, session: str) -> Response:
     """Handshake era: one message (or a 2025-03-26 batch) -> JSON, SSE, or 202; initialize opens
     a session; errors to well-formed requests are HTTP 200."""
     gone, access = client_gone_check(), g.get("access")
     if isinstance(message, list):
-        if not message:
-            return mcp_json(jsonrpc_error(None, -32600, "invalid request: empty batch"), 400)
-        replies = [reply for m in message for reply in mcp.handle(m, session, gone, access=access)]
-        return mcp_json(replies, 200) if replies else Response(status=202)
+        return mcp_batch(mcp, message, session, gone, access)
     if isinstance(message, dict) and message.get("method") == "initialize" and "id" in message:
         reply = next(mcp.handle(message, "", gone))
+        if "result" not in reply:
+            return mcp_json(reply, 200)
+        try:
+            session_id = mcp.open_session(reply["result"]["protocolVersion"])
+        except TooManySessions as exc:
+            response = mcp_json(jsonrpc_error(readable_id(message), -32000, str(exc)), 503)
+            response.headers["Retry-After"] = "60"
+            return response
         response = mcp_json(reply, 200)
-        if "result" in reply:
-            response.headers["Mcp-Session-Id"] = mcp.open_session(reply["result"]["protocolVersion"])
+        response.headers["Mcp-Session-Id"] = session_id
         return response
     return mcp_answer(mcp, message, session,
                       lambda reply: 400 if "error" in reply and reply["error"]["code"] in (-32600, -32700) else 200)
@@ -4398,9 +4720,34 @@ def origin_allowed(origin: str, allowed: tuple[str, ...]) -> bool:
                 return True
         elif entry.endswith(":*"):
             base = entry[:-2]
-            if origin == base or (origin.startswith(base + ":") and origin[len(base) + 1:].isdigit()):
+            if origin == base or (origin.startswith(base + ":") and PORT.fullmatch(origin[len(base) + 1:])):
                 return True
     return False
+
+
+PORT = re.compile(r"[0-9]{1,5}")  # ASCII digits only: str.isdigit() also takes "٨٠٠٠"
+HOST_PORT = re.compile(r":[0-9]{0,5}")
+
+
+def host_allowed(host: str | None, allowed: tuple[str, ...]) -> bool:
+    """The Host header's name (its port dropped, IPv6 kept in brackets) is in `allowed`, or `*` is.
+    No Host header at all (HTTP/1.0) passes: every browser sends one, so no rebinding page lacks it."""
+    if host is None or "*" in allowed:
+        return True
+    host = host.strip().lower()
+    if host.startswith("["):  # [IPv6]:port
+        end = host.find("]") + 1
+        name, port = host[:end], host[end:]
+    else:
+        name, colon, number = host.partition(":")
+        port = colon + number
+    return (not port or HOST_PORT.fullmatch(port) is not None) and name.rstrip(".") in allowed
+
+
+def body_over_limit(limit: int) -> bool:
+    """A body without Content-Length (chunked) is cut at MAX_BODY_BYTES by werkzeug without a word
+    (then parsed, truncated); read up to the limit, then look for one byte more."""
+    return len(request.get_data(cache=True)) >= limit and bool(request.environ["wsgi.input"].read(1))
 
 
 def is_public_path(path: str) -> bool:
@@ -4410,14 +4757,22 @@ def is_public_path(path: str) -> bool:
 
 
 def register_security(app: Flask, engine: Engine | UpstreamPool) -> None:
-    """403 for a foreign Origin (DNS-rebinding guard, as MCP requires), CORS for allowed ones, Bearer
-    auth, and 503 for new work once SIGTERM asked the worker to drain."""
+    """403 for a foreign Host or Origin (DNS-rebinding guards, as MCP requires: a page that rebinds
+    its own name to 127.0.0.1 sends that name as Host, and no Origin on plain GETs), CORS for allowed
+    origins, Bearer auth, 503 for new work once SIGTERM asked the worker to drain, 413 for a chunked
+    body over MAX_BODY_BYTES (Content-Length is checked by Flask)."""
     import hmac
+
+    from werkzeug.exceptions import RequestEntityTooLarge
 
     cfg = engine.cfg
 
     @app.before_request
     def check_origin_and_key():
+        if not host_allowed(request.headers.get("Host"), cfg.host_allowlist):
+            return error_response(403, f"host {request.headers.get('Host')!r} is not allowed",
+                                  "a loopback server answers to localhost, 127.0.0.1 and [::1]; set ALLOWED_HOSTS "
+                                  "to add names", code="host_not_allowed")
         origin = request.headers.get("Origin")
         if origin is not None and not origin_allowed(origin, cfg.allowed_origins):
             return error_response(403, f"origin {origin!r} is not allowed", "set ALLOWED_ORIGINS to allow it",
@@ -4432,6 +4787,9 @@ def register_security(app: Flask, engine: Engine | UpstreamPool) -> None:
                                       "send the header 'Authorization: Bearer <API_KEY>'", code="invalid_api_key")
         if engine.draining and request.path != "/health":
             return error_response(503, "server is shutting down", code="shutting_down", retry_after=5)
+        if request.content_length is None and "Transfer-Encoding" in request.headers \
+                and body_over_limit(cfg.max_body_bytes):
+            raise RequestEntityTooLarge()
         return None
 
     @app.after_request
@@ -4489,15 +4847,18 @@ def register_routes(app: Flask, engine: Engine | UpstreamPool) -> None:
     app.extensions["hcx_mcp"] = mcp
     answers = AnswerTexts()
 
+    # Every generation takes its place in the queue (engine.reserve, a 503 when full) before its
+    # body's images are decoded: at most MAX_QUEUE + 1 requests hold decoded pixels at a time.
     @app.post("/tool/generate_hyperclovax_vision")
     def seed_generate():
         body = read_json_body()
         streaming = wants_stream(body)
-        req = prompt_request(body, cfg)
-        note_prompt(cfg, req)
-        if streaming:
-            return text_stream_response(stream(engine, req, client_gone_check()))
-        completion = generate(engine, req, client_gone_check())
+        with engine.reserve() as slot:
+            req = prompt_request(body, cfg)
+            note_prompt(cfg, req)
+            if streaming:
+                return text_stream_response(stream(engine, req, client_gone_check(), slot))
+            completion = generate(engine, req, client_gone_check(), slot)
         record_completion(g.get("access"), completion)
         if req.constraint is not None and completion.finish_reason == "length":
             return jsonify(result=completion.text, incomplete=INCOMPLETE_JSON)
@@ -4505,24 +4866,27 @@ def register_routes(app: Flask, engine: Engine | UpstreamPool) -> None:
 
     @app.post("/tool/generate_hyperclovax_vision_stream")
     def seed_generate_stream():
-        req = prompt_request(read_json_body(), cfg)
-        note_prompt(cfg, req)
-        return text_stream_response(stream(engine, req, client_gone_check()))
+        body = read_json_body()
+        with engine.reserve() as slot:
+            req = prompt_request(body, cfg)
+            note_prompt(cfg, req)
+            return text_stream_response(stream(engine, req, client_gone_check(), slot))
 
     @app.post("/v1/chat/completions")
     def chat_completions():
         body = read_json_body()
         streaming = wants_stream(body, allow_query=False)
         include_usage = stream_options(body, streaming)
-        req = openai_request(body, cfg)
-        note_prompt(cfg, req)
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        if streaming:
-            pieces = stream(engine, req, client_gone_check())
-            events = chat_completion_chunks(pieces, completion_id, created, cfg.served_model_name, include_usage,
-                                            g.get("access"), req.constraint)
-            return streaming_response(events, "text/event-stream", pieces)
-        completion = generate(engine, req, client_gone_check())
+        with engine.reserve() as slot:
+            req = openai_request(body, cfg)
+            note_prompt(cfg, req)
+            if streaming:
+                pieces = stream(engine, req, client_gone_check(), slot)
+                events = chat_completion_chunks(pieces, completion_id, created, cfg.served_model_name,
+                                                include_usage, g.get("access"), req.constraint)
+                return streaming_response(events, "text/event-stream", pieces)
+            completion = generate(engine, req, client_gone_check(), slot)
         record_completion(g.get("access"), completion)
         return jsonify(chat_completion(completion, completion_id, created, cfg.served_model_name, req.constraint))
 
@@ -4530,14 +4894,15 @@ def register_routes(app: Flask, engine: Engine | UpstreamPool) -> None:
     def responses():
         body = read_json_body()
         streaming = wants_stream(body, allow_query=False)
-        req = responses_request(body, cfg, answers.recall)
-        note_prompt(cfg, req)
-        echo = response_echo(body, req, cfg.served_model_name)
-        if streaming:
-            pieces = stream(engine, req, client_gone_check())
-            events = response_events(pieces, echo, g.get("access"), answers.remember)
-            return streaming_response(events, "text/event-stream", pieces)
-        completion = generate(engine, req, client_gone_check())
+        with engine.reserve() as slot:
+            req = responses_request(body, cfg, answers.recall)
+            note_prompt(cfg, req)
+            echo = response_echo(body, req, cfg.served_model_name)
+            if streaming:
+                pieces = stream(engine, req, client_gone_check(), slot)
+                events = response_events(pieces, echo, g.get("access"), answers.remember)
+                return streaming_response(events, "text/event-stream", pieces)
+            completion = generate(engine, req, client_gone_check(), slot)
         record_completion(g.get("access"), completion)
         status, item_id = RESPONSE_STATUS[completion.finish_reason], f"msg_{uuid.uuid4().hex}"
         answers.remember(item_id, completion.text)
@@ -4652,17 +5017,22 @@ def register_ollama_routes(app: Flask, engine: Engine | UpstreamPool) -> None:
                              param="model", code="model_not_found")
         return jsonify(ollama_show(cfg, engine.require_model()))
 
-    def answer(body: dict, req: GenerationRequest | None, chat: bool) -> Response:
-        model = body["model"]
-        if req is None:
+    def answer(body: dict, build: Callable[[dict, Config], GenerationRequest | None], chat: bool) -> Response:
+        """Ollama's load-only call (nothing to generate) takes no place in the queue; others do,
+        before their images are decoded."""
+        if ollama_loads_only(body, chat):
+            build(body, cfg)  # still validated
             engine.require_model()
-            return jsonify(ollama_loaded(model, chat))
-        note_prompt(cfg, req)
-        if body.get("stream") is not False:  # Ollama streams unless told not to
-            pieces = stream(engine, req, client_gone_check())
-            return streaming_response(ollama_chunks(pieces, model, chat, g.get("access")), "application/x-ndjson",
-                                      pieces)
-        completion = generate(engine, req, client_gone_check())
+            return jsonify(ollama_loaded(body["model"], chat))
+        model = body.get("model")
+        with engine.reserve() as slot:
+            req = build(body, cfg)
+            note_prompt(cfg, req)
+            if body.get("stream") is not False:  # Ollama streams unless told not to
+                pieces = stream(engine, req, client_gone_check(), slot)
+                return streaming_response(ollama_chunks(pieces, model, chat, g.get("access")),
+                                          "application/x-ndjson", pieces)
+            completion = generate(engine, req, client_gone_check(), slot)
         record_completion(g.get("access"), completion)
         return jsonify(ollama_answer(model, chat, completion))
 
@@ -4670,13 +5040,13 @@ def register_ollama_routes(app: Flask, engine: Engine | UpstreamPool) -> None:
     def ollama_chat():
         body = read_json_body()
         wants_stream(body, allow_query=False)  # a non-boolean "stream" is a 400
-        return answer(body, ollama_chat_request(body, cfg), chat=True)
+        return answer(body, ollama_chat_request, chat=True)
 
     @app.post("/api/generate")
     def ollama_generate():
         body = read_json_body()
         wants_stream(body, allow_query=False)
-        return answer(body, ollama_generate_request(body, cfg), chat=False)
+        return answer(body, ollama_generate_request, chat=False)
 
 
 # -- observability: access log and Prometheus metrics -----------------------------------------
@@ -4861,31 +5231,394 @@ def create_app(cfg: Config | None = None, engine: Engine | UpstreamPool | None =
     return app
 
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
-
-
 def drain_on_sigterm(worker) -> None:
-    """gunicorn post_worker_init hook: on SIGTERM, refuse new work (503) while in-flight requests finish."""
+    """gunicorn post_worker_init hook. On SIGTERM the worker keeps accepting and answers new work
+    503 (shutting_down; /health says draining) until the requests in flight are done, and only
+    then lets gunicorn stop it (gunicorn's own stop closes the listener at once, so new clients got
+    a connection reset). The master kills the worker after graceful_timeout whatever happens."""
     import signal
 
     engine = worker.wsgi.extensions["hcx_engine"]
     stop_worker = worker.handle_exit
 
+    def stop_when_idle(sig, frame):
+        deadline = time.monotonic() + max(1.0, worker.cfg.graceful_timeout - 5)
+        while not engine.idle and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stop_worker(sig, frame)
+
     def handle_exit(sig, frame):
+        if engine.draining:
+            return
         engine.draining = True
         log.info("SIGTERM: finishing %s in-flight request(s), refusing new ones", engine.in_flight)
-        stop_worker(sig, frame)
+        threading.Thread(target=stop_when_idle, args=(sig, frame), name="hcx-drain", daemon=True).start()
 
     signal.signal(signal.SIGTERM, handle_exit)
 
 
+# -- the gunicorn worker: a thread only for a request that has fully arrived ------------------
+# gunicorn's gthread worker gives a connection to a thread as soon as it is accepted; the thread
+# then reads the request with blocking reads, so twelve clients sending a byte a second held twelve
+# threads for as long as they liked, /health included. This worker reads every request (head and
+# body) in its event loop, without a thread, under a deadline (READ_TIMEOUT), as a buffering proxy
+# would, and hands the connection to a thread only once the whole request is there (or is certain
+# to be refused: Content-Length over MAX_BODY_BYTES, a malformed head); the thread's parser then
+# reads those bytes from memory. Bodies held by the loop are bounded (READ_BUFFER_BODIES x
+# MAX_BODY_BYTES): beyond that, connections with more than a head wait for room.
+
+REQUEST_HEAD_LIMIT = 64 * 1024  # request line + headers (a bigger head is a 431)
+READ_BUFFER_BODIES = 4
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows): nothing to call
+        return None
+
+
+def release_memory() -> None:
+    """Give freed heap memory back to the OS (the worker calls it once a POST or a large request
+    is over, its body, decoded images and tensors freed): glibc keeps it otherwise, and the worker
+    stayed at 1.6-4.4 GB after large requests. ~0.03 ms when there is nothing to give back, ~40 ms
+    for a few hundred MB (ctypes lets the other threads run meanwhile)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+class RequestBuffer:
+    """One HTTP/1.1 request as its bytes arrive: `feed()` says when it can go to a thread, either
+    complete (head, then a Content-Length or chunked body up to `max_body` bytes) or `partial`
+    (over the body limit, or malformed: the app or gunicorn's parser refuses it from what is here,
+    and the connection closes after). Bytes after the request (a pipelined next one) stay in
+    `data` for the parser."""
+
+    def __init__(self, max_body: int, data: bytes = b""):
+        self.max_body, self.data = max_body, bytearray(data)
+        self.state, self.pos = "head", 0  # head | length | chunk-size | chunk-data | trailers | done
+        self.left = 0  # body (or chunk) bytes still to come
+        self.body = 0  # chunked body bytes seen
+        self.method = b""
+        self.partial = self.expect_continue = self.head_too_large = False
+
+    def feed(self, chunk: bytes = b"") -> bool:
+        self.data += chunk
+        try:
+            return self._scan()
+        except ValueError:  # malformed: gunicorn's parser answers 400 from the bytes buffered
+            self.partial = True
+            return True
+
+    def _scan(self) -> bool:
+        data = self.data
+        if self.state == "head":
+            start = 0
+            while data.startswith(b"\r\n", start):  # empty lines before a request are allowed
+                start += 2
+            end = data.find(b"\r\n\r\n", max(start, self.pos - 3))
+            if end < 0:
+                self.pos = len(data)
+                self.head_too_large = len(data) > REQUEST_HEAD_LIMIT
+                return False
+            self.pos = end + 4
+            self._read_head(bytes(data[start:end]))
+        if self.state == "length":
+            return len(data) - self.pos >= self.left
+        while self.state in ("chunk-size", "chunk-data", "trailers"):
+            if self.state == "chunk-data":
+                taken = min(len(data) - self.pos, self.left)
+                self.pos, self.left, self.body = self.pos + taken, self.left - taken, self.body + taken
+                if self.body > self.max_body:  # the app reads MAX_BODY_BYTES + 1 from here: a 413
+                    self.partial = True
+                    return True
+                if self.left or len(data) - self.pos < 2:
+                    return False
+                if data[self.pos:self.pos + 2] != b"\r\n":
+                    raise ValueError("chunk without CRLF")
+                self.pos, self.state = self.pos + 2, "chunk-size"
+                continue
+            end = data.find(b"\r\n", self.pos)
+            if end < 0:
+                if len(data) - self.pos > 8192:
+                    raise ValueError("chunk-size or trailer line too long")
+                return False
+            line, self.pos = bytes(data[self.pos:end]), end + 2
+            if self.state == "trailers":
+                if not line:
+                    self.state = "done"
+                continue
+            size = line.split(b";", 1)[0].strip()
+            if not re.fullmatch(rb"[0-9a-fA-F]{1,16}", size):
+                raise ValueError("bad chunk size")
+            self.left = int(size, 16)
+            self.state = "chunk-data" if self.left else "trailers"
+        return True
+
+    def _read_head(self, head: bytes) -> None:
+        lines = head.split(b"\r\n")
+        self.method = lines[0].split(b" ", 1)[0]
+        length, codings, expect = None, None, False
+        for line in lines[1:]:
+            name, colon, value = line.partition(b":")
+            if not colon:
+                raise ValueError("header line without a colon")
+            name, value = name.strip().lower(), value.strip()
+            if name == b"content-length":
+                if length is not None or not value.isdigit():
+                    raise ValueError("bad or repeated Content-Length")
+                length = int(value)
+            elif name == b"transfer-encoding":
+                codings = value.lower()
+            elif name == b"expect":
+                expect = value.lower() == b"100-continue"
+        if codings is not None:
+            if length is not None or codings.rsplit(b",", 1)[-1].strip() != b"chunked":
+                raise ValueError("Transfer-Encoding other than chunked, or with Content-Length")
+            self.state = "chunk-size"
+        elif length:
+            self.state, self.left = "length", length
+            if length > self.max_body:  # refused from its Content-Length (413) before any body byte
+                self.partial = True
+                self.state = "done"
+        else:
+            self.state = "done"
+        self.expect_continue = expect and lines[0].endswith(b"HTTP/1.1") and self.state != "done"
+
+
+def plain_response(status: str, message: str) -> bytes:
+    """A whole HTTP response for the loop to send itself (before any request reached the app)."""
+    body = json.dumps({"error": message}).encode()
+    return (f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n").encode() + body
+
+
+@functools.lru_cache(maxsize=None)
+def thread_worker_class(max_body: int, read_timeout: float) -> type:
+    """gunicorn's gthread worker reading whole requests in its event loop (see above). It relies
+    on gthread's internals of gunicorn 27 (pinned <28): enqueue_req is the one way a connection
+    reaches a thread, murder_pending runs every loop turn, finish_request re-queues read-ahead."""
+    from functools import partial
+    from selectors import EVENT_READ
+
+    from gunicorn.http.unreader import SocketUnreader
+    from gunicorn.workers.gthread import ThreadWorker
+
+    class BufferedUnreader(SocketUnreader):
+        """The parser's byte source: the request the loop read, then the socket."""
+
+        def __init__(self, sock, data: bytearray):
+            super().__init__(sock)
+            self.pending, self.at = memoryview(data), 0
+
+        def chunk(self, size_hint=None):
+            if self.at < len(self.pending):
+                size = max(self.mxchunk, min(size_hint or 0, self.max_body_chunk))
+                piece = bytes(self.pending[self.at:self.at + size])
+                self.at += len(piece)
+                if self.at == len(self.pending):  # all served: let the request's bytes go
+                    self.pending, self.at = memoryview(b""), 0
+                return piece
+            return super().chunk(size_hint)
+
+        def settle(self) -> None:
+            """Bytes not parsed yet (a pipelined request) go where gunicorn looks for read-ahead;
+            the request's own bytes are let go (a kept-alive connection would hold them)."""
+            if self.at < len(self.pending):
+                self.buf.seek(0, os.SEEK_END)
+                self.buf.write(self.pending[self.at:])
+            self.pending, self.at = memoryview(b""), 0
+
+    class HcxThreadWorker(ThreadWorker):
+        def init_process(self):
+            import resource
+
+            self.reading: dict = {}  # conn -> RequestBuffer, while its request arrives
+            self.paused: list = []  # reading connections waiting for room in the buffer budget
+            self.buffered, self.budget = 0, READ_BUFFER_BODIES * max_body
+            descriptors = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            in_use = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 64
+            self.max_conns = min(self.worker_connections, max(16, descriptors - in_use - 64))
+            super().init_process()
+
+        # -- in the event loop --
+        def accept(self, listener):
+            """gthread stops accepting at worker_connections, and its worker dies when out of file
+            descriptors: silent or slow clients must bring it to neither, so they make room."""
+            if self.nr_conns + 1 >= self.max_conns:
+                self.make_room()
+            try:
+                super().accept(listener)
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                    raise
+                if not self.make_room():  # every descriptor serves a request: wait for one to end
+                    time.sleep(0.01)
+
+        def make_room(self) -> bool:
+            """Close one connection that is not being served: silent first, then the oldest kept
+            alive, then the one reading longest (408)."""
+            silent = next((c for c, b in self.reading.items() if not b.data), None)
+            if silent is not None:
+                self.drop(silent)
+            elif self.keepalived_conns:
+                conn = self.keepalived_conns.popleft()
+                with contextlib.suppress(KeyError, ValueError, OSError):
+                    self.poller.unregister(conn.sock)
+                self.nr_conns -= 1
+                conn.close()
+            elif self.reading:
+                self.drop(next(iter(self.reading)), plain_response(
+                    "408 Request Timeout", "too many connections are sending requests slowly"))
+            else:
+                return False
+            return True
+
+        def enqueue_req(self, conn):
+            """Read the connection's next request before a thread gets it."""
+            if self.cfg.is_ssl:  # TLS is not served by hcx-server; gthread's own way then
+                return super().enqueue_req(conn)
+            leftover = conn.parser.unreader.take_buffered() if conn.parser is not None else b""
+            buffer = self.reading[conn] = RequestBuffer(max_body, leftover)
+            self.buffered += len(leftover)
+            conn.hcx_deadline, conn.hcx_continued = time.monotonic() + read_timeout, False
+            if buffer.feed():
+                self.hand_over(conn)
+            else:
+                self.poller.register(conn.sock, EVENT_READ, partial(self.on_request_bytes, conn))
+
+        def on_request_bytes(self, conn, _sock) -> None:
+            buffer = self.reading[conn]
+            if self.buffered > self.budget and len(buffer.data) >= REQUEST_HEAD_LIMIT:
+                self.poller.unregister(conn.sock)  # until other bodies leave the loop
+                self.paused.append(conn)
+                return
+            try:
+                data = conn.sock.recv(1 << 20)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:  # the client closed or reset the connection
+                return self.drop(conn)
+            self.buffered += len(data)
+            if buffer.feed(data):
+                self.poller.unregister(conn.sock)
+                self.hand_over(conn)
+            elif buffer.head_too_large:
+                self.drop(conn, plain_response("431 Request Header Fields Too Large",
+                                               f"request head over {REQUEST_HEAD_LIMIT} bytes"))
+            elif buffer.expect_continue and not conn.hcx_continued:
+                conn.hcx_continued = self.send(conn, b"HTTP/1.1 100 Continue\r\n\r\n")
+
+        def hand_over(self, conn) -> None:
+            buffer = self.reading.pop(conn)
+            self.buffered -= len(buffer.data)
+            conn.hcx_request, conn.hcx_partial = buffer.data, buffer.partial
+            conn.hcx_trim = buffer.method == b"POST" or len(buffer.data) >= REQUEST_HEAD_LIMIT
+            conn.data_ready = True  # gthread's wait for a first byte is over
+            self.resume_paused()
+            super().enqueue_req(conn)
+
+        def drop(self, conn, answer: bytes = b"") -> None:
+            """Close a connection whose request did not arrive (in time)."""
+            buffer = self.reading.pop(conn)
+            self.buffered -= len(buffer.data)
+            if conn in self.paused:
+                self.paused.remove(conn)
+            else:
+                with contextlib.suppress(KeyError, ValueError, OSError):
+                    self.poller.unregister(conn.sock)
+            if answer:
+                self.send(conn, answer)
+            self.nr_conns -= 1
+            conn.close()
+            self.resume_paused()
+
+        @staticmethod
+        def send(conn, data: bytes) -> bool:
+            try:
+                return conn.sock.send(data) == len(data)
+            except OSError:
+                return False
+
+        def resume_paused(self) -> None:
+            while self.paused and self.buffered <= self.budget:
+                conn = self.paused.pop(0)
+                self.poller.register(conn.sock, EVENT_READ, partial(self.on_request_bytes, conn))
+
+        def murder_pending(self):
+            """Also every loop turn: drop requests past their deadline (408) and, once stopping,
+            connections that have sent nothing."""
+            super().murder_pending()
+            now = time.monotonic()
+            for conn, buffer in list(self.reading.items()):
+                if now >= conn.hcx_deadline:
+                    self.drop(conn, plain_response("408 Request Timeout", f"the request did not arrive within "
+                                                   f"READ_TIMEOUT={read_timeout:g} s") if buffer.data else b"")
+                elif not self.alive and not buffer.data:
+                    self.drop(conn)
+
+        # -- in a thread --
+        def handle(self, conn):
+            request_bytes, conn.hcx_request = getattr(conn, "hcx_request", None), None
+            if request_bytes is not None:
+                if not conn.initialized:
+                    conn.sock.setblocking(True)
+                    conn.init()
+                conn.parser.unreader = BufferedUnreader(conn.sock, request_bytes)
+            return super().handle(conn)
+
+        def handle_request(self, req, conn):
+            if getattr(conn, "hcx_continued", False):  # the loop already sent 100 Continue
+                req._expected_100_continue = False
+            return super().handle_request(req, conn)
+
+        def _keepalive_after(self, conn, keepalive):
+            if getattr(conn, "hcx_partial", False):  # the rest of its body never came in: close
+                return False
+            return super()._keepalive_after(conn, keepalive)
+
+        # -- back in the event loop --
+        def finish_request(self, conn, fs):
+            unreader = getattr(conn.parser, "unreader", None)
+            if isinstance(unreader, BufferedUnreader):
+                unreader.settle()
+            super().finish_request(conn, fs)
+            if getattr(conn, "hcx_trim", False):  # its body, images and tensors are freed by now
+                conn.hcx_trim = False
+                release_memory()
+
+    return HcxThreadWorker
+
+
+def raise_descriptor_limit(wanted: int = 4096) -> None:
+    """Many distributions start processes with 1024 file descriptors (soft limit): lift it towards
+    the hard limit, so that 1000 connections (gunicorn's worker_connections) fit beside the model's
+    files."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 def serve(cfg: Config) -> None:
-    """gunicorn, ONE gthread worker (the model lives once), app built after the fork."""
+    """gunicorn, ONE worker (the model lives once; gthread reading whole requests first, see
+    thread_worker_class), app built after the fork."""
     from gunicorn.app.base import BaseApplication
 
     class Server(BaseApplication):
         def load_config(self):
-            options = {"bind": f"{cfg.host}:{cfg.port}", "workers": 1, "worker_class": "gthread",
+            options = {"bind": f"{cfg.host}:{cfg.port}", "workers": 1,
+                       "worker_class": thread_worker_class(cfg.max_body_bytes, cfg.read_timeout),
                        "threads": cfg.worker_threads, "timeout": 120, "graceful_timeout": 30,
                        "keepalive": 5, "control_socket_disable": True, "accesslog": None,
                        "post_worker_init": drain_on_sigterm}
@@ -4897,6 +5630,7 @@ def serve(cfg: Config) -> None:
             return create_app(cfg)
 
     setup_logging()
+    raise_descriptor_limit()
     if cfg.host not in LOOPBACK_HOSTS and not cfg.api_key and os.path.exists("/.dockerenv"):
         log.warning("binding %s inside a container without API_KEY: publish the port on 127.0.0.1 only "
                     "(the build_and_run scripts do) or set API_KEY", cfg.host)
