@@ -126,11 +126,10 @@ def test_load_only_calls(client, name):
 @pytest.mark.parametrize("kwargs, words", [
     ({"options": {"top_k": 20}}, ["top_k", "not supported"]),
     ({"options": {"repeat_penalty": 1.3}}, ["repeat_penalty"]),
-    ({"format": "json"}, ["format"]),
     ({"think": True}, ["think"]),
     ({"options": {"temperature": 5}}, ["temperature"]),
     ({"options": {"num_predict": 0}}, ["num_predict"]),
-], ids=["top_k", "repeat_penalty", "format", "think", "temperature", "num_predict"])
+], ids=["top_k", "repeat_penalty", "think", "temperature", "num_predict"])
 def test_client_errors_are_response_errors(client, name, kwargs, words):
     with pytest.raises(ollama.ResponseError) as info:
         client.chat(model=name, messages=[{"role": "user", "content": "Hi."}], stream=False, **kwargs)

@@ -159,7 +159,7 @@ def test_item_reference_to_an_answer_of_this_server(client):
     ({"store": True}, "store"),
     ({"previous_response_id": "resp_123"}, "previous_response_id"),
     ({"tools": [{"type": "function", "name": "f", "parameters": {"type": "object", "properties": {}}}]}, "tools"),
-    ({"text": {"format": {"type": "json_object"}}}, "text"),
+    ({"text": {"verbosity": "high"}}, "text"),  # text.format json_object / json_schema: structured output
     ({"include": ["reasoning.encrypted_content"]}, "include"),
     ({"background": True}, "background"),
     ({"truncation": "auto"}, "truncation"),

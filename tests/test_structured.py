@@ -264,6 +264,12 @@ def test_ollama_format_json_and_schema(url):
 # -- schemas that cannot be used: a clear 400 naming the problem --------------------------------------
 
 
+def test_ollama_format_that_is_neither_json_nor_a_schema(url):
+    resp = post(url, "/api/chat", {"model": "m", "messages": [{"role": "user", "content": "hi"}], "format": "yaml",
+                                   "stream": False})
+    assert resp.status_code == 400 and "format" in resp.json()["error"] and "JSON schema" in resp.json()["error"]
+
+
 @pytest.mark.parametrize("fmt,words", [
     ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {
         "a": {"type": "string", "pattern": "(?<=x)y"}}}}}, ("cannot be compiled", "look-around")),
