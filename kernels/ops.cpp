@@ -1,0 +1,147 @@
+// torch.ops.hcx_server.*: the one-row (decode) linear kernels as torch operators, one per
+// variant, so that tests and benchmarks can call each variant explicitly. This file is the
+// only one that includes torch: it checks shapes and CPU features, puts x in the layout the
+// variant reads, splits the weight rows over torch's threads and applies scale and bias.
+//
+//   gemv_bf16_avx512bf16(x, w, b)      bf16 weights; x bf16
+//   gemv_bf16_avx2(x, w, b)            bf16 weights; x bf16 or fp32
+//   gemv_int8_avx2(x, w, scale, b)     int8 weights, y = (x w^T) * scale + b; x bf16 or fp32
+//   gemv_int8_avx512(x, w, scale, b)   the same with AVX512F/BW
+//
+// x holds ONE row (any leading shape of ones); y has x's shape with the last size N and x's dtype.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <vector>
+
+#include "hcx_kernels.h"
+
+namespace {
+
+enum class Variant { bf16_avx512bf16, bf16_avx2, int8_avx2, int8_avx512 };
+
+bool cpu_runs(Variant v) {
+  __builtin_cpu_init();
+  switch (v) {
+    case Variant::bf16_avx512bf16:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+    case Variant::int8_avx512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl");
+    default:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }
+}
+
+inline uint16_t to_bf16(float f) {  // round to nearest even, as torch does
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+
+at::Tensor gemv(Variant v, const char* name, const at::Tensor& x, const at::Tensor& w,
+                const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& b) {
+  TORCH_CHECK(cpu_runs(v), name, ": this CPU lacks the instructions of this kernel variant");
+  const bool int8 = v == Variant::int8_avx2 || v == Variant::int8_avx512;
+  TORCH_CHECK(w.device().is_cpu() && x.device().is_cpu(), name, ": CPU tensors only");
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), name, ": the weight must be a contiguous 2-d tensor");
+  TORCH_CHECK(w.scalar_type() == (int8 ? at::kChar : at::kBFloat16), name, ": the weight must be ",
+              int8 ? "int8" : "bfloat16");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || (x.scalar_type() == at::kFloat && v != Variant::bf16_avx512bf16),
+              name, ": x must be bfloat16", v == Variant::bf16_avx512bf16 ? "" : " or float32");
+  const int64_t N = w.size(0), K = w.size(1);
+  TORCH_CHECK(x.dim() >= 1 && x.numel() == K && x.size(-1) == K, name, ": x must be one row of ", K, " values");
+  TORCH_CHECK(!int8 || (scale.has_value() && scale->numel() == N), name, ": one scale per weight row");
+  TORCH_CHECK(!b.has_value() || b->numel() == N, name, ": one bias per weight row");
+
+  auto sizes = x.sizes().vec();
+  sizes.back() = N;
+  at::Tensor y = at::empty(sizes, x.options());
+  at::Tensor xk;  // x in the layout the variant reads
+  if (v == Variant::bf16_avx512bf16) {
+    xk = x.contiguous();
+  } else {
+    at::Tensor xf = x.to(at::kFloat).contiguous();
+    if (v == Variant::bf16_avx2) {
+      xk = at::empty({K}, xf.options());
+      hcx::bf16_avx2_prepare_x(xf.data_ptr<float>(), K, xk.data_ptr<float>());
+    } else {
+      xk = xf;
+    }
+  }
+  at::Tensor sc = int8 ? scale->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor bias = b.has_value() ? b->to(at::kFloat).contiguous() : at::Tensor();
+  const float* S = sc.defined() ? sc.data_ptr<float>() : nullptr;
+  const float* B = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  const void* W = w.data_ptr();
+  const void* X = xk.data_ptr();
+  const bool out_bf16 = y.scalar_type() == at::kBFloat16;
+  void* Y = y.data_ptr();
+
+  // torch's own OpenMP pool and thread count; dynamic chunks of 16 blocks (128 rows), so that a
+  // thread the OS preempts (cores shared with other work) delays the product by a chunk only
+  const int64_t blocks = (N + HCX_ROWS - 1) / HCX_ROWS;
+  const int threads = (int)std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks / 16));
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 16)
+  for (int64_t block = 0; block < blocks; block++) {
+    float out[HCX_ROWS];
+    const int64_t n0 = block * HCX_ROWS, rows = std::min<int64_t>(HCX_ROWS, N - n0);
+    switch (v) {
+      case Variant::bf16_avx512bf16:
+        hcx::bf16_rows_avx512bf16((const uint16_t*)W + n0 * K, (const uint16_t*)X, K, rows, out);
+        break;
+      case Variant::bf16_avx2:
+        hcx::bf16_rows_avx2((const uint16_t*)W + n0 * K, (const float*)X, K, rows, out);
+        break;
+      case Variant::int8_avx2:
+        hcx::int8_rows_avx2((const int8_t*)W + n0 * K, (const float*)X, K, rows, out);
+        break;
+      case Variant::int8_avx512:
+        hcx::int8_rows_avx512((const int8_t*)W + n0 * K, (const float*)X, K, rows, out);
+        break;
+    }
+    for (int64_t r = 0; r < rows; r++) {
+      const float value = out[r] * (S ? S[n0 + r] : 1.f) + (B ? B[n0 + r] : 0.f);
+      if (out_bf16) ((uint16_t*)Y)[n0 + r] = to_bf16(value);
+      else ((float*)Y)[n0 + r] = value;
+    }
+  }
+  return y;
+}
+
+at::Tensor gemv_bf16_avx512bf16(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
+  return gemv(Variant::bf16_avx512bf16, "gemv_bf16_avx512bf16", x, w, std::nullopt, b);
+}
+at::Tensor gemv_bf16_avx2(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
+  return gemv(Variant::bf16_avx2, "gemv_bf16_avx2", x, w, std::nullopt, b);
+}
+at::Tensor gemv_int8_avx2(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                          const std::optional<at::Tensor>& b) {
+  return gemv(Variant::int8_avx2, "gemv_int8_avx2", x, w, scale, b);
+}
+at::Tensor gemv_int8_avx512(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                            const std::optional<at::Tensor>& b) {
+  return gemv(Variant::int8_avx512, "gemv_int8_avx512", x, w, scale, b);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(hcx_server, m) {
+  m.def("gemv_bf16_avx512bf16(Tensor x, Tensor w, Tensor? b) -> Tensor");
+  m.def("gemv_bf16_avx2(Tensor x, Tensor w, Tensor? b) -> Tensor");
+  m.def("gemv_int8_avx2(Tensor x, Tensor w, Tensor scale, Tensor? b) -> Tensor");
+  m.def("gemv_int8_avx512(Tensor x, Tensor w, Tensor scale, Tensor? b) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(hcx_server, CPU, m) {
+  m.impl("gemv_bf16_avx512bf16", &gemv_bf16_avx512bf16);
+  m.impl("gemv_bf16_avx2", &gemv_bf16_avx2);
+  m.impl("gemv_int8_avx2", &gemv_int8_avx2);
+  m.impl("gemv_int8_avx512", &gemv_int8_avx512);
+}
