@@ -1,8 +1,8 @@
 // bf16 rows with AVX2 + FMA, for every x86-64 CPU of the last decade (no bf16 instructions).
 // A bf16 is the top half of an fp32, so widening is one bit operation: in each 32-bit lane of
 // 16 loaded bf16, `lane << 16` is the even element and `lane & 0xffff0000` the odd one. x is
-// stored once per call with its even and odd elements of each 16-block side by side
-// (bf16_avx2_prepare_x), so a 32-byte load of weights costs 2 integer operations + 2 FMAs.
+// laid out once per call with the even and odd elements of each 16-block side by side
+// (bf16_avx2_prepare_x), so 32 bytes of weights cost 2 integer operations + 2 FMAs.
 #include <immintrin.h>
 
 #include "hcx_kernels.h"
@@ -11,8 +11,6 @@
 #pragma GCC target("avx2,fma")
 
 namespace {
-constexpr int64_t PREFETCH = 512;  // elements ahead in each row
-
 inline float widen(uint16_t v) {
   union { uint32_t u; float f; } bits = {(uint32_t)v << 16};
   return bits.f;
@@ -25,26 +23,12 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-template <int R>
-inline void dot_rows(const uint16_t* w, const float* xp, int64_t K, float* out) {
-  const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
-  __m256 acc[R];
-  for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
-  const int64_t K16 = K & ~(int64_t)15;
-  for (int64_t k = 0; k < K16; k += 16) {
-    const __m256 xe = _mm256_loadu_ps(xp + k), xo = _mm256_loadu_ps(xp + k + 8);
-    for (int r = 0; r < R; r++) {
-      _mm_prefetch((const char*)(w + r * K + k + PREFETCH), _MM_HINT_T0);
-      const __m256i v = _mm256_loadu_si256((const __m256i*)(w + r * K + k));
-      acc[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), xe, acc[r]);
-      acc[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, high)), xo, acc[r]);
-    }
-  }
-  for (int r = 0; r < R; r++) {
-    float sum = hsum(acc[r]);
-    for (int64_t k = K16; k < K; k++) sum += widen(w[r * K + k]) * xp[k];
-    out[r] = sum;
-  }
+// acc_even += even(w[0:16]) * xp[0:8]; acc_odd += odd(w[0:16]) * xp[8:16]
+inline void dot16(__m256& even, __m256& odd, const uint16_t* w, const float* xp) {
+  const __m256i v = _mm256_loadu_si256((const __m256i*)w);
+  even = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), _mm256_loadu_ps(xp), even);
+  odd = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u))),
+                        _mm256_loadu_ps(xp + 8), odd);
 }
 }  // namespace
 
@@ -60,8 +44,20 @@ void hcx::bf16_avx2_prepare_x(const float* x, int64_t K, float* xp) {
 }
 
 void hcx::bf16_rows_avx2(const uint16_t* w, const float* xp, int64_t K, int64_t rows, float* y) {
-  if (rows == HCX_ROWS) return dot_rows<HCX_ROWS>(w, xp, K, y);
-  for (int64_t r = 0; r < rows; r++) dot_rows<1>(w + r * K, xp, K, y + r);
+  const int64_t K16 = K & ~(int64_t)15;
+  for (int64_t r = 0; r < rows; r++, w += K) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t k = 0;
+    for (; k + 32 <= K16; k += 32) {
+      HCX_PREFETCH(w + k);
+      dot16(a0, a1, w + k, xp + k);
+      dot16(a2, a3, w + k + 16, xp + k + 16);
+    }
+    if (k < K16) dot16(a0, a1, w + k, xp + k);
+    float sum = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (k = K16; k < K; k++) sum += widen(w[k]) * xp[k];
+    y[r] = sum;
+  }
 }
 
 #pragma GCC pop_options

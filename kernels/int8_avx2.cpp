@@ -1,6 +1,8 @@
-// int8 rows with AVX2 + FMA (weight-only int8: x stays in floating point, no activation
-// quantization error). Each 8 weights: one sign-extending load to int32, one conversion, one FMA;
-// the per-row scale is applied once to the sum by the caller.
+// int8 x int16 rows with AVX2: sign-extend 16 weights to int16 (one load + one shuffle), multiply
+// with 16 int16 x and add pairs into 8 int32 (vpmaddwd), accumulate: 3 operations per 16 bytes
+// where widening to fp32 costs 6, which measured compute-bound (~55 % of the bandwidth of a Zen 4
+// core). The int32 sums are flushed to fp32 every 4096 columns: |w| <= 127 and |x| <= 32767
+// keep 256 pair-sums per lane below 2^31.
 #include <immintrin.h>
 
 #include "hcx_kernels.h"
@@ -9,7 +11,12 @@
 #pragma GCC target("avx2,fma")
 
 namespace {
-constexpr int64_t PREFETCH = 1024;  // bytes ahead in each row
+constexpr int64_t FLUSH = 4096;
+
+inline __m256i dot16(__m256i acc, const int8_t* w, const int16_t* x) {
+  const __m256i wide = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)w));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(wide, _mm256_loadu_si256((const __m256i*)x)));
+}
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -17,35 +24,31 @@ inline float hsum(__m256 v) {
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
-
-inline __m256 widen8(const int8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
-}
-
-template <int R>
-inline void dot_rows(const int8_t* w, const float* x, int64_t K, float* out) {
-  __m256 acc[R];
-  for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
-  const int64_t K16 = K & ~(int64_t)15;
-  for (int64_t k = 0; k < K16; k += 16) {
-    const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
-    for (int r = 0; r < R; r++) {
-      if ((k & 63) == 0) _mm_prefetch((const char*)(w + r * K + k + PREFETCH), _MM_HINT_T0);
-      acc[r] = _mm256_fmadd_ps(widen8(w + r * K + k), x0, acc[r]);
-      acc[r] = _mm256_fmadd_ps(widen8(w + r * K + k + 8), x1, acc[r]);
-    }
-  }
-  for (int r = 0; r < R; r++) {
-    float sum = hsum(acc[r]);
-    for (int64_t k = K16; k < K; k++) sum += (float)w[r * K + k] * x[k];
-    out[r] = sum;
-  }
-}
 }  // namespace
 
-void hcx::int8_rows_avx2(const int8_t* w, const float* x, int64_t K, int64_t rows, float* y) {
-  if (rows == HCX_ROWS) return dot_rows<HCX_ROWS>(w, x, K, y);
-  for (int64_t r = 0; r < rows; r++) dot_rows<1>(w + r * K, x, K, y + r);
+void hcx::int8_rows_avx2(const int8_t* w, const int16_t* x, int64_t K, int64_t rows, float* y) {
+  const int64_t K16 = K & ~(int64_t)15;
+  for (int64_t r = 0; r < rows; r++, w += K) {
+    __m256 total = _mm256_setzero_ps();
+    for (int64_t k0 = 0; k0 < K16; k0 += FLUSH) {
+      const int64_t k1 = k0 + FLUSH < K16 ? k0 + FLUSH : K16;
+      __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+      int64_t k = k0;
+      for (; k + 64 <= k1; k += 64) {
+        HCX_PREFETCH(w + k);
+        a0 = dot16(a0, w + k, x + k);
+        a1 = dot16(a1, w + k + 16, x + k + 16);
+        a2 = dot16(a2, w + k + 32, x + k + 32);
+        a3 = dot16(a3, w + k + 48, x + k + 48);
+      }
+      for (; k < k1; k += 16) a0 = dot16(a0, w + k, x + k);
+      total = _mm256_add_ps(total, _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_add_epi32(a0, a1),
+                                                                        _mm256_add_epi32(a2, a3))));
+    }
+    int32_t tail = 0;
+    for (int64_t k = K16; k < K; k++) tail += (int32_t)w[k] * x[k];
+    y[r] = hsum(total) + (float)tail;
+  }
 }
 
 #pragma GCC pop_options

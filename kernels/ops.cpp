@@ -5,21 +5,26 @@
 //
 //   gemv_bf16_avx512bf16(x, w, b)      bf16 weights; x bf16
 //   gemv_bf16_avx2(x, w, b)            bf16 weights; x bf16 or fp32
-//   gemv_int8_avx2(x, w, scale, b)     int8 weights, y = (x w^T) * scale + b; x bf16 or fp32
+//   gemv_int8_avx2(x, w, scale, b)     int8 weights, y = (x w^T) * scale + b; x bf16 or fp32,
+//                                      rounded to int16 (one absmax scale) for integer products
 //   gemv_int8_avx512(x, w, scale, b)   the same with AVX512F/BW
 //
 // x holds ONE row (any leading shape of ones); y has x's shape with the last size N and x's dtype.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
-#include <vector>
 
 #include "hcx_kernels.h"
 
 namespace {
+
+constexpr int64_t ROWS = 64;  // rows per task: one sequential stream of 64 rows per thread at a time
 
 enum class Variant { bf16_avx512bf16, bf16_avx2, int8_avx2, int8_avx512 };
 
@@ -64,15 +69,24 @@ at::Tensor gemv(Variant v, const char* name, const at::Tensor& x, const at::Tens
   sizes.back() = N;
   at::Tensor y = at::empty(sizes, x.options());
   at::Tensor xk;  // x in the layout the variant reads
+  float x_scale = 1.f;
   if (v == Variant::bf16_avx512bf16) {
     xk = x.contiguous();
   } else {
     at::Tensor xf = x.to(at::kFloat).contiguous();
+    const float* X = xf.data_ptr<float>();
     if (v == Variant::bf16_avx2) {
       xk = at::empty({K}, xf.options());
-      hcx::bf16_avx2_prepare_x(xf.data_ptr<float>(), K, xk.data_ptr<float>());
-    } else {
-      xk = xf;
+      hcx::bf16_avx2_prepare_x(X, K, xk.data_ptr<float>());
+    } else {  // int8: x rounded to int16 with one absmax scale (zero-padded to HCX_INT8_PAD)
+      float absmax = 0.f;
+      for (int64_t k = 0; k < K; k++) absmax = std::max(absmax, std::abs(X[k]));
+      x_scale = absmax > 0.f && std::isfinite(absmax) ? absmax / 32767.f : 1.f;
+      const float inverse = 1.f / x_scale;
+      const int64_t padded = (K + hcx::HCX_INT8_PAD - 1) / hcx::HCX_INT8_PAD * hcx::HCX_INT8_PAD;
+      xk = at::zeros({padded}, xf.options().dtype(at::kShort));
+      int16_t* Q = xk.data_ptr<int16_t>();
+      for (int64_t k = 0; k < K; k++) Q[k] = (int16_t)std::lrintf(X[k] * inverse);
     }
   }
   at::Tensor sc = int8 ? scale->to(at::kFloat).contiguous() : at::Tensor();
@@ -84,14 +98,14 @@ at::Tensor gemv(Variant v, const char* name, const at::Tensor& x, const at::Tens
   const bool out_bf16 = y.scalar_type() == at::kBFloat16;
   void* Y = y.data_ptr();
 
-  // torch's own OpenMP pool and thread count; dynamic chunks of 16 blocks (128 rows), so that a
-  // thread the OS preempts (cores shared with other work) delays the product by a chunk only
-  const int64_t blocks = (N + HCX_ROWS - 1) / HCX_ROWS;
-  const int threads = (int)std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks / 16));
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 16)
-  for (int64_t block = 0; block < blocks; block++) {
-    float out[HCX_ROWS];
-    const int64_t n0 = block * HCX_ROWS, rows = std::min<int64_t>(HCX_ROWS, N - n0);
+  // torch's own OpenMP pool and thread count; dynamic tasks of ROWS contiguous rows, so that a
+  // thread the OS preempts (cores shared with other work) delays the product by one task only
+  const int64_t tasks = (N + ROWS - 1) / ROWS;
+  const int threads = (int)std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks / 4));
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+  for (int64_t task = 0; task < tasks; task++) {
+    float out[ROWS];
+    const int64_t n0 = task * ROWS, rows = std::min<int64_t>(ROWS, N - n0);
     switch (v) {
       case Variant::bf16_avx512bf16:
         hcx::bf16_rows_avx512bf16((const uint16_t*)W + n0 * K, (const uint16_t*)X, K, rows, out);
@@ -100,14 +114,14 @@ at::Tensor gemv(Variant v, const char* name, const at::Tensor& x, const at::Tens
         hcx::bf16_rows_avx2((const uint16_t*)W + n0 * K, (const float*)X, K, rows, out);
         break;
       case Variant::int8_avx2:
-        hcx::int8_rows_avx2((const int8_t*)W + n0 * K, (const float*)X, K, rows, out);
+        hcx::int8_rows_avx2((const int8_t*)W + n0 * K, (const int16_t*)X, K, rows, out);
         break;
       case Variant::int8_avx512:
-        hcx::int8_rows_avx512((const int8_t*)W + n0 * K, (const float*)X, K, rows, out);
+        hcx::int8_rows_avx512((const int8_t*)W + n0 * K, (const int16_t*)X, K, rows, out);
         break;
     }
     for (int64_t r = 0; r < rows; r++) {
-      const float value = out[r] * (S ? S[n0 + r] : 1.f) + (B ? B[n0 + r] : 0.f);
+      const float value = out[r] * x_scale * (S ? S[n0 + r] : 1.f) + (B ? B[n0 + r] : 0.f);
       if (out_bf16) ((uint16_t*)Y)[n0 + r] = to_bf16(value);
       else ((float*)Y)[n0 + r] = value;
     }
