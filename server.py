@@ -479,7 +479,8 @@ def cast_floats(value: Any, dtype: torch.dtype, device: torch.device | None = No
 # layer's bf16 pages are handed back to the OS (madvise) as soon as it is quantized: the peak
 # stays near the int8 model, not the bf16 one.
 DECODER_NAMES = ("language_model", "text_model", "llm")
-INT8_CHUNK_ELEMENTS = 1 << 20  # weights quantized at a time (bounded fp32 temporaries)
+INT8_CHUNK_ELEMENTS = 1 << 20  # weights quantized at a time by torch ops (bounded fp32 temporaries)
+INT8_KERNEL_CHUNK_ELEMENTS = 1 << 24  # by our one-pass kernel (32 MB of bf16 read before it is released)
 
 
 def decoder_linears(model) -> list[torch.nn.Linear]:
@@ -495,18 +496,27 @@ def decoder_linears(model) -> list[torch.nn.Linear]:
     return list(found.values())
 
 
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 weight, fp32 scale per row) with |w - q * scale| <= scale / 2."""
+def quantize_int8(weight: torch.Tensor, done: Callable[[int], None] | None = None,
+                  kernel: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weight, fp32 scale per row) with |w - q * scale| <= scale / 2, INT8_CHUNK_ELEMENTS at
+    a time (`kernel`: torch.ops.hcx_server.quantize_int8, one pass per row; else torch ops);
+    done(rows) after each chunk lets the caller release what it has read."""
     rows, cols = weight.shape
     q = torch.empty(rows, cols, dtype=torch.int8)
     scale = torch.empty(rows, dtype=torch.float32)
-    step = max(1, INT8_CHUNK_ELEMENTS // cols)
+    step = max(1, (INT8_CHUNK_ELEMENTS if kernel is None else INT8_KERNEL_CHUNK_ELEMENTS) // cols)
     for i in range(0, rows, step):
-        part = weight[i:i + step].to(torch.float32, copy=True)  # never scaled in place: a tied embedding lives on
-        low, high = torch.aminmax(part, dim=1)
-        s = torch.maximum(-low, high).clamp_min_(1e-30) / 127
-        q[i:i + step] = part.div_(s[:, None]).round_().clamp_(-127, 127)
-        scale[i:i + step] = s
+        source = weight[i:i + step]
+        if kernel is not None and source.dtype in (torch.bfloat16, torch.float32) and source.is_contiguous():
+            kernel(source, q[i:i + step], scale[i:i + step])
+        else:
+            part = source.to(torch.float32, copy=True)  # never scaled in place: a tied embedding lives on
+            low, high = torch.aminmax(part, dim=1)
+            s = torch.maximum(-low, high).clamp_min_(1e-30) / 127
+            q[i:i + step] = part.div_(s[:, None]).round_().clamp_(-127, 127)
+            scale[i:i + step] = s
+        if done is not None:
+            done(min(rows, i + step))
     return q, scale
 
 
@@ -546,19 +556,32 @@ def release_file_pages(tensor: torch.Tensor, mappings: list[tuple[int, int]]) ->
 
 
 def quantize_decoder_int8(model) -> tuple[int, int]:
-    """Every decoder linear layer (lm_head included) to Int8Linear (section 4), layer by layer;
-    returns (layers, bytes of bf16 pages handed back to the OS)."""
+    """Every decoder linear layer (lm_head included) to Int8Linear (section 4), layer by layer,
+    each one's checkpoint pages released chunk by chunk as it is read; returns (layers, bytes
+    of checkpoint pages handed back to the OS)."""
+    try:
+        load_kernels()
+        kernel = torch.ops.hcx_server.quantize_int8
+    except KernelUnavailable:
+        kernel = None  # torch ops: the same numbers, ~20x slower
     mappings = file_mappings()
     layers = released = 0
     for linear in decoder_linears(model):
         source = linear.weight.detach()
         if source.dim() != 2 or not source.is_floating_point():
             continue
-        q, scale = quantize_int8(source)
+        read = [0]
+
+        def done(rows: int) -> None:
+            released_now = release_file_pages(source[read[0]:rows], mappings)
+            read[0] = rows
+            return released_now
+
+        q, scale = quantize_int8(source, done, kernel)
         linear.__class__ = Int8Linear
         linear.weight = torch.nn.Parameter(q, requires_grad=False)
         linear.register_buffer("weight_scale", scale, persistent=False)
-        released += release_file_pages(source, mappings)
+        released += release_file_pages(source, mappings)  # the pages between chunks too
         layers += 1
     return layers, released
 

@@ -34,4 +34,8 @@ constexpr int64_t HCX_INT8_PAD = 64;
 void int8_rows_avx2(const int8_t* w, const int16_t* x, int64_t K, int64_t rows, float* y);
 void int8_rows_avx512(const int8_t* w, const int16_t* x, int64_t K, int64_t rows, float* y);
 
+// WEIGHTS=int8 at load: one row to symmetric int8 (q = round-half-even(w / scale), scale =
+// absmax / 127, as torch would compute it), AVX2; returns the scale.
+float int8_quantize_row_avx2(const float* row, int64_t K, int8_t* q);
+
 }  // namespace hcx

@@ -51,4 +51,32 @@ void hcx::int8_rows_avx2(const int8_t* w, const int16_t* x, int64_t K, int64_t r
   }
 }
 
+float hcx::int8_quantize_row_avx2(const float* row, int64_t K, int8_t* q) {
+  const int64_t K32 = K & ~(int64_t)31;
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 top = _mm256_setzero_ps();
+  for (int64_t k = 0; k + 8 <= K; k += 8) top = _mm256_max_ps(top, _mm256_andnot_ps(sign, _mm256_loadu_ps(row + k)));
+  float t[8], absmax = 0.f;
+  _mm256_storeu_ps(t, top);
+  for (int i = 0; i < 8; i++) absmax = t[i] > absmax ? t[i] : absmax;
+  for (int64_t k = K & ~(int64_t)7; k < K; k++) absmax = __builtin_fabsf(row[k]) > absmax ? __builtin_fabsf(row[k]) : absmax;
+  const float scale = (absmax > 1e-30f ? absmax : 1e-30f) / 127.f;
+  const __m256 s = _mm256_set1_ps(scale), lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
+  auto quantize8 = [&](const float* p) {
+    const __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(p), s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return _mm256_cvtps_epi32(_mm256_min_ps(hi, _mm256_max_ps(lo, v)));
+  };
+  for (int64_t k = 0; k < K32; k += 32) {
+    const __m256i ab = _mm256_packs_epi32(quantize8(row + k), quantize8(row + k + 8));
+    const __m256i cd = _mm256_packs_epi32(quantize8(row + k + 16), quantize8(row + k + 24));
+    const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(ab, cd), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256((__m256i*)(q + k), bytes);
+  }
+  for (int64_t k = K32; k < K; k++) {
+    const float v = __builtin_nearbyintf(row[k] / scale);  // the default rounding: ties to even
+    q[k] = (int8_t)(v > 127.f ? 127.f : v < -127.f ? -127.f : v);
+  }
+  return scale;
+}
+
 #pragma GCC pop_options

@@ -8,6 +8,7 @@
 //   gemv_int8_avx2(x, w, scale, b)     int8 weights, y = (x w^T) * scale + b; x bf16 or fp32,
 //                                      rounded to int16 (one absmax scale) for integer products
 //   gemv_int8_avx512(x, w, scale, b)   the same with AVX512F/BW
+//   quantize_int8(w, q, scale)         WEIGHTS=int8 at load: symmetric int8 per row, into q and scale
 //
 // x holds ONE row (any leading shape of ones); y has x's shape with the last size N and x's dtype.
 #include <ATen/Parallel.h>
@@ -19,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "hcx_kernels.h"
 
@@ -144,9 +146,39 @@ at::Tensor gemv_int8_avx512(const at::Tensor& x, const at::Tensor& w, const at::
   return gemv(Variant::int8_avx512, "gemv_int8_avx512", x, w, scale, b);
 }
 
+// WEIGHTS=int8 at load: symmetric int8 per row (int8_quantize_row_avx2), rows over the threads.
+void quantize_int8(const at::Tensor& w, at::Tensor& q, at::Tensor& scale) {
+  TORCH_CHECK(cpu_runs(Variant::int8_avx2), "quantize_int8: this CPU lacks AVX2 + FMA");
+  TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.is_contiguous() &&
+              (w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kFloat),
+              "quantize_int8: a contiguous 2-d bfloat16 or float32 CPU tensor");
+  const int64_t N = w.size(0), K = w.size(1);
+  TORCH_CHECK(q.scalar_type() == at::kChar && q.is_contiguous() && q.numel() == N * K && scale.scalar_type() == at::kFloat &&
+              scale.is_contiguous() && scale.numel() == N, "quantize_int8: q int8 like w, scale float32 [rows]");
+  const bool bf16 = w.scalar_type() == at::kBFloat16;
+  const uint16_t* W16 = bf16 ? (const uint16_t*)w.data_ptr() : nullptr;
+  const float* W32 = bf16 ? nullptr : w.data_ptr<float>();
+  int8_t* Q = q.data_ptr<int8_t>();
+  float* S = scale.data_ptr<float>();
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    std::vector<uint32_t> row(bf16 ? K : 0);
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+      const float* values = W32 ? W32 + n * K : nullptr;
+      if (bf16) {  // widening is a shift: a bf16 is the top half of an fp32
+        for (int64_t k = 0; k < K; k++) row[k] = (uint32_t)W16[n * K + k] << 16;
+        values = (const float*)row.data();
+      }
+      S[n] = hcx::int8_quantize_row_avx2(values, K, Q + n * K);
+    }
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY(hcx_server, m) {
+  m.def("quantize_int8(Tensor w, Tensor(a!) q, Tensor(b!) scale) -> ()");
   m.def("gemv_bf16_avx512bf16(Tensor x, Tensor w, Tensor? b) -> Tensor");
   m.def("gemv_bf16_avx2(Tensor x, Tensor w, Tensor? b) -> Tensor");
   m.def("gemv_int8_avx2(Tensor x, Tensor w, Tensor scale, Tensor? b) -> Tensor");
@@ -154,6 +186,7 @@ TORCH_LIBRARY(hcx_server, m) {
 }
 
 TORCH_LIBRARY_IMPL(hcx_server, CPU, m) {
+  m.impl("quantize_int8", &quantize_int8);
   m.impl("gemv_bf16_avx512bf16", &gemv_bf16_avx512bf16);
   m.impl("gemv_bf16_avx2", &gemv_bf16_avx2);
   m.impl("gemv_int8_avx2", &gemv_int8_avx2);

@@ -188,13 +188,22 @@ def test_widened_conv_matches_fp32():
 # -- quantization -----------------------------------------------------------------------------------
 
 
-def test_int8_quantization_error_bound():
+@pytest.mark.parametrize("ours", [False, True], ids=["torch-ops", "kernel"])
+def test_int8_quantization_error_bound(ours):
+    kernel = None
+    if ours:
+        kernels_or_skip()
+        kernel = torch.ops.hcx_server.quantize_int8
     gen = torch.Generator().manual_seed(7)
     w = torch.randn(300, 257, generator=gen) * torch.rand(300, 1, generator=gen) * 3
     w[5] = 0  # an all-zero row
     w[9, 3] = 40  # an outlier sets its row's scale
+    w[11, :3] = torch.tensor([0.5, 1.5, -2.5]) * w[11].abs().max() / 127  # ties round to even
     for source in (w, w.bfloat16()):
-        q, scale = server.quantize_int8(source)
+        q, scale = server.quantize_int8(source, None, kernel)
+        if kernel is not None:  # the same numbers as torch's ops, bit for bit
+            want_q, want_scale = server.quantize_int8(source)
+            assert torch.equal(q, want_q) and torch.equal(scale, want_scale)
         assert q.dtype == torch.int8 and scale.dtype == torch.float32 and q.shape == w.shape
         assert int(q.abs().max()) <= 127 and bool((q.abs().amax(1)[scale > 1e-20] == 127).all())
         error = (q.float() * scale[:, None] - source.float()).abs()
