@@ -96,10 +96,12 @@ RUN set -eu; \
         rm -rf /var/lib/apt/lists/*; \
     fi
 COPY --from=deps /opt/venv /opt/venv
-# The project itself (py-modules server and cli, the benchmarks package, the kernel sources as the
-# package hcx_server_kernels, console script hcx-cli), no dependencies.
+# The project itself (py-modules server and cli, the benchmarks package, the playground page
+# static/ installed as hcx_server_static, the CPU kernels' sources kernels/ as hcx_server_kernels,
+# console script hcx-cli), no dependencies.
 COPY pyproject.toml README.m[d] server.py cli.py /tmp/src/
 COPY benchmarks /tmp/src/benchmarks/
+COPY static /tmp/src/static/
 COPY kernels /tmp/src/kernels/
 RUN set -eu; \
     [ -f /tmp/src/README.md ] || : >/tmp/src/README.md; \

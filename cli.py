@@ -7,7 +7,6 @@ server.stream, server.generate), so the terminal and the API answer alike.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import sys
@@ -183,8 +182,8 @@ def serve(cfg: server.Config, host, port, threads, demo):
 def mcp(cfg: server.Config):
     """Serve MCP over stdio (newline-delimited JSON-RPC); logs go to stderr.
 
-    The model loads in the background so `initialize` is answered at once; tool calls wait
-    for it. Tool calls run on their own thread so `notifications/cancelled` can stop them.
+    The model loads in the background so `initialize` (or 2026-07-28's `server/discover`) is
+    answered at once; tool calls wait for it. Tool calls run on their own thread so `notifications/cancelled` can stop them.
     """
     protocol_out = sys.stdout
     sys.stdout = sys.stderr  # anything a library prints must not corrupt the protocol stream
@@ -232,33 +231,143 @@ def download(cfg: server.Config):
     click.echo(f"model ready in {folder}")
 
 
+# -- selfcheck: a known-answer test for the weights a user holds ------------------------------
+# Images the model must read: drawn here (no files, no network), graded by what the answer must
+# contain. On random weights (--demo) the same code runs and the grading is skipped.
+
+COLOUR_RED = ("red", "빨간", "빨강", "붉은", "적색", "레드")
+
+
+@dataclasses.dataclass(frozen=True)
+class KnownAnswer:
+    name: str
+    prompt: str
+    image: str  # "digits", "circle" or "word"
+    expected: tuple[str, ...]  # the answer must contain one of these (digits: the digit sequence)
+    digits: bool = False
+
+
+KNOWN_ANSWERS = (
+    KnownAnswer("digits-en", "What number is written in this image? Answer with the digits only.", "digits",
+                ("274",), digits=True),
+    KnownAnswer("digits-ko", "이 이미지에 적힌 숫자를 읽어 주세요. 숫자만 답하세요.", "digits", ("274",), digits=True),
+    KnownAnswer("colour-en", "What colour is the shape in this image? Answer in one word.", "circle", COLOUR_RED),
+    KnownAnswer("colour-ko", "이 그림 속 도형은 무슨 색인가요? 한 단어로 답하세요.", "circle", COLOUR_RED),
+    KnownAnswer("word-ko", "이 이미지에 적힌 한국어 단어를 그대로 읽어 주세요.", "word", ("나무",)),
+)
+
+
+def grade(case: KnownAnswer, answer: str) -> bool:
+    """Does the answer contain what the image shows? Digits are compared as a digit sequence
+    ("2, 7, 4" reads as 274), words and colours case-insensitively."""
+    if case.digits:
+        found = "".join(ch for ch in answer if ch.isascii() and ch.isdigit())
+        return any(want in found for want in case.expected)
+    text = answer.lower()
+    return any(want.lower() in text for want in case.expected)
+
+
+def hangul_font(size: int):
+    """A system font with Hangul glyphs (Linux, macOS, Windows), or None."""
+    from PIL import ImageFont
+
+    candidates = ("/usr/share/fonts/truetype/nanum/NanumGothicBold.ttf", "/usr/share/fonts/truetype/nanum/NanumGothic.ttf",
+                  "/usr/share/fonts/opentype/noto/NotoSansCJK-Bold.ttc", "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
+                  "/usr/share/fonts/noto-cjk/NotoSansCJK-Regular.ttc", "/usr/share/fonts/truetype/unfonts-core/UnDotum.ttf",
+                  "/System/Library/Fonts/AppleSDGothicNeo.ttc", "/Library/Fonts/AppleGothic.ttf",
+                  "C:/Windows/Fonts/malgunbd.ttf", "C:/Windows/Fonts/malgun.ttf")
+    for path in candidates:
+        try:
+            return ImageFont.truetype(path, size)
+        except OSError:
+            continue
+    return None
+
+
+def draw_known_image(kind: str):
+    """The three pictures: large digits "2 7 4", a red circle, the Korean word 나무 (tree); black on white."""
+    from PIL import Image, ImageDraw, ImageFont, features
+
+    if kind == "circle":
+        image = Image.new("RGB", (378, 378), "white")
+        ImageDraw.Draw(image).ellipse((64, 64, 314, 314), fill=(220, 20, 20))
+        return image
+    image = Image.new("RGB", (756, 378), "white")
+    draw = ImageDraw.Draw(image)
+    if kind == "digits":
+        if features.check("freetype2"):
+            draw.text((378, 189), "2 7 4", fill="black", anchor="mm", font=ImageFont.load_default(size=200))
+        else:
+            draw_segments(draw, "274")
+        return image
+    font = hangul_font(200)
+    if font is not None:
+        draw.text((378, 189), "나무", fill="black", anchor="mm", font=font)
+    else:
+        draw_namu(draw)
+    return image
+
+
+def draw_segments(draw, digits: str) -> None:
+    """Seven-segment digits, for a Pillow without FreeType."""
+    segments = {"2": "abged", "7": "abc", "4": "fgbc"}
+    boxes = {"a": (0, 0, 120, 24), "b": (96, 0, 120, 130), "c": (96, 106, 120, 236), "d": (0, 212, 120, 236),
+             "e": (0, 106, 24, 236), "f": (0, 0, 24, 130), "g": (0, 106, 120, 130)}
+    for i, digit in enumerate(digits):
+        x0, y0 = 150 + i * 180, 70
+        for seg in segments[digit]:
+            l, t, r, b = boxes[seg]
+            draw.rectangle((x0 + l, y0 + t, x0 + r, y0 + b), fill="black")
+
+
+def draw_namu(draw) -> None:
+    """나무 in thick straight strokes (every jamo of it is straight), where no Hangul font exists."""
+    w = 26
+    for box in ((150, 90, 150 + w, 290), (150, 264, 300, 290),  # ㄴ
+                (330, 70, 330 + w, 310), (330, 176, 390, 176 + w),  # ㅏ
+                (440, 70, 620, 70 + w), (440, 70, 440 + w, 190), (594, 70, 620, 190), (440, 164, 620, 190),  # ㅁ
+                (420, 230, 640, 230 + w), (517, 230, 517 + w, 320)):  # ㅜ
+        draw.rectangle(box, fill="black")
+
+
 @main.command()
 @click.option("--max-tokens", type=click.IntRange(1), default=32, show_default=True)
 @click.pass_obj
 def selfcheck(cfg: server.Config, max_tokens):
-    """Load the model, answer one image prompt, print load time, TTFT and tokens/s."""
-    from PIL import Image, ImageDraw
-
-    image = Image.new("RGB", (378, 378), "white")
-    ImageDraw.Draw(image).rectangle((80, 80, 300, 300), fill="red")
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    """Known-answer test of the loaded weights (run it first after a download): reads drawn digits,
+    a colour and a Korean word; checks our decode loop against model.generate; prints PASS/FAIL,
+    load time, time to first token and tokens/s; exits 1 on any FAIL."""
     started = time.perf_counter()
     engine = start_engine(cfg)
     load_s = time.perf_counter() - started
-    req = build_request(cfg, "What shape and colour is in this image?", [server.open_image(buf.getvalue(), cfg)],
-                        max_tokens=max_tokens, seed=0)
-    c = answer(engine, req, streaming=False)
     m = engine.model
-    decode_s = max(c.total_s - c.ttft_s, 1e-9)
-    click.echo(f"model: {m.name} ({m.kind}) from {m.path}")
-    click.echo(f"device: {m.device}  dtype: {str(m.dtype).replace('torch.', '')}")
-    click.echo(f"answer: {c.text!r}")
-    click.echo(f"load_s={load_s:.2f} ttft_s={c.ttft_s:.3f} prompt_tokens={c.prompt_tokens} "
-               f"completion_tokens={c.completion_tokens} "
-               f"decode_tok_s={(max(c.completion_tokens - 1, 0)) / decode_s:.1f}")
-    if c.completion_tokens < 1:
+    click.echo(f"model: {m.name} ({m.interface}, revision {m.revision or 'unknown'}) from {m.path}")
+    click.echo(f"device: {m.device}  dtype: {str(m.dtype).replace('torch.', '')}  backend: {m.generation_backend}")
+    if m.demo:
+        click.echo("note: DEMO MODE (random weights): the known-answer checks are skipped, answers shown only")
+    failed, first = 0, None
+    for case in KNOWN_ANSWERS:
+        image = draw_known_image(case.image)
+        c = answer(engine, build_request(cfg, case.prompt, [image], max_tokens=max_tokens, temperature=0), False)
+        first = first or c
+        verdict = "SKIP" if m.demo else ("PASS" if grade(case, c.text) else "FAIL")
+        failed += verdict == "FAIL"
+        click.echo(f"[{verdict}] {case.name}: expected {' / '.join(case.expected)}; answer {c.text.strip()!r}")
+    decode_s = max(first.total_s - first.ttft_s, 1e-9)
+    click.echo(f"load_s={load_s:.2f} ttft_s={first.ttft_s:.3f} prompt_tokens={first.prompt_tokens} "
+               f"completion_tokens={first.completion_tokens} "
+               f"decode_tok_s={(max(first.completion_tokens - 1, 0)) / decode_s:.1f}")
+    for label, images in (("text-only", []), ("with an image", [draw_known_image("digits")])):
+        req = build_request(cfg, KNOWN_ANSWERS[0].prompt if images else "Write one sentence about Seoul.", images,
+                            max_tokens=max_tokens, temperature=0)
+        ok, verdict = server.compare_with_hf(m, req)
+        failed += not ok
+        click.echo(f"[{'PASS' if ok else 'FAIL'}] decode loop vs model.generate, greedy, {label}: {verdict}")
+    if first.completion_tokens < 1:
         fail("the model produced no tokens", code=1)
+    click.echo(f"selfcheck: {'FAIL' if failed else 'PASS'}")
+    if failed:
+        sys.exit(1)
 
 
 def _register_bench() -> None:

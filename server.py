@@ -4,12 +4,16 @@ One module, read top to bottom:
   1. Config            -- read once at start-up into one frozen object.
   2. Model loading     -- locate/download the weights, load the HCX remote-code path or the
                           generic transformers image-text-to-text path, the tiny demo model.
-  3. Input building    -- validate API requests into one GenerationRequest, decode images,
-                          turn a request into model tensors.
+  3. Input building    -- validate every API's request (seed, OpenAI chat and Responses, Ollama
+                          chat and generate, the MCP tool) into one GenerationRequest, decode
+                          images, turn a request into model tensors.
   4. Generation        -- one engine thread owns the model; generate() and stream() share one
                           code path (submit a job, follow its tokens, detokenize safely).
-  5. HTTP routes       -- the seed REST contract, the OpenAI-compatible API, MCP (JSON-RPC,
-                          also served over stdio by the CLI), /health. Routes never touch torch.
+  5. HTTP routes       -- one subsection per API family: the seed REST contract, the OpenAI API
+                          (/v1: chat completions, Responses, models), the Ollama API (/api), MCP
+                          (JSON-RPC, both protocol eras, also over stdio by the CLI); CORS and
+                          auth, /health, metrics, the browser playground at / (its files live in
+                          static/). Routes never touch torch.
   6. App factory       -- create_app(config) and the gunicorn runner (1 gthread worker).
 """
 
@@ -20,6 +24,8 @@ import binascii
 import contextlib
 import dataclasses
 import functools
+import hashlib
+import inspect
 import io
 import json
 import logging
@@ -50,16 +56,20 @@ __version__ = "0.1.0"
 # ======================================================================================
 
 HCX_HUB_ID = "naver-hyperclovax/HyperCLOVAX-SEED-Vision-Instruct-3B"
-# The remote code changed between revisions (a later one swapped in a text=/images= processor):
-# trust_remote_code only runs this one, the first upload, whose model-card interface we follow.
-# A short commit id is expanded against the repo's history before download (see resolve_revision).
-HCX_REVISION = "42c6bee"
+# trust_remote_code runs the model's own code, so downloads are pinned to one commit. Both code
+# revisions in users' hands are served (section 2: hcx-v1, the first upload 42c6bee with its
+# load_images_videos() preprocessor; hcx-v2, "New Processor, Model for vLLM" and later, with
+# HCXProcessor); the default pin is the one full v2 commit id known. A short commit id (e.g.
+# MODEL_REVISION=42c6bee) is expanded against the repo's history before download.
+HCX_REVISION = "a78900bdac94cabc4648fe42c9ed31c3f4d522bd"
 DEMO_MODEL_NAME = "hcx-demo-tiny-random"
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, mps"
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 VISION_DTYPE_CHOICES = ("auto", "float32")
-# auto: "static" on CUDA, "gemv" (our CPU kernels, kernels/*.cpp) on CPUs with AVX2, else "eager"; see section 4.
-GENERATION_BACKEND_CHOICES = ("auto", "static", "gemv", "eager")
+# auto: "static" on CUDA, "gemv" (our CPU kernels, kernels/*.cpp) on CPUs with AVX2 or AVX-512 running bf16
+# or int8 weights, else "eager" (all three our own decode loop); "hf" = plain model.generate, also picked
+# for a model our loop cannot drive. See section 4.
+GENERATION_BACKEND_CHOICES = ("auto", "static", "gemv", "eager", "hf")
 # Which of our CPU kernels runs one-row products: auto = the best this CPU runs (AVX-512, else AVX2),
 # or forced (a variant the CPU lacks falls back to auto with a warning); torch = torch's own.
 CPU_KERNEL_CHOICES = ("auto", "avx512", "avx2", "torch")
@@ -67,7 +77,8 @@ CPU_KERNEL_CHOICES = ("auto", "avx512", "avx2", "torch")
 WEIGHTS_CHOICES = ("auto", "int8")
 
 
-# Browser pages served from these origins may call the API; ":*" means any port.
+# Browser pages served from these origins may call the API; ":*" means any port, "scheme://*" any
+# host of that scheme (VS Code webviews are vscode-webview://<random id>).
 DEFAULT_ALLOWED_ORIGINS = ("http://localhost:*", "http://127.0.0.1:*", "http://[::1]:*",
                            "https://localhost:*", "https://127.0.0.1:*", "https://[::1]:*")
 
@@ -157,8 +168,8 @@ def _env_origins(env: Mapping[str, str]) -> tuple[str, ...]:
     origins = tuple(o.strip().rstrip("/") for o in raw.split(",") if o.strip())
     for origin in origins:
         if origin != "*" and not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/\s]+", origin):
-            raise ConfigError(f"ALLOWED_ORIGINS entry {origin!r} is not valid: expected '*' or "
-                              "scheme://host[:port|:*], comma-separated")
+            raise ConfigError(f"ALLOWED_ORIGINS entry {origin!r} is not valid: expected '*', "
+                              "scheme://host[:port|:*] or scheme://*, comma-separated")
     return origins
 
 
@@ -214,6 +225,22 @@ def load_config(env: Mapping[str, str] | None = None, **overrides: Any) -> Confi
     return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
 
+def project_folder(folder: str, marker: str) -> Path:
+    """One of this project's data folders (static/, kernels/): beside server.py in a checkout or an
+    editable install, else where `pip install .` put it, the data package hcx_server_<folder>
+    (pyproject.toml); found by the import system, so a namespace portion of it works too."""
+    import importlib.util
+
+    beside = Path(__file__).with_name(folder)
+    if (beside / marker).is_file():
+        return beside
+    spec = importlib.util.find_spec(f"hcx_server_{folder}")
+    for location in (spec.submodule_search_locations or []) if spec is not None else []:
+        if (Path(location) / marker).is_file():
+            return Path(location)
+    raise FileNotFoundError(f"this installation of hcx-server lacks its {folder}/ folder ({marker})")
+
+
 # ======================================================================================
 # 2. Model loading
 # ======================================================================================
@@ -230,7 +257,8 @@ class ModelLoadError(RuntimeError):
 class LoadedModel:
     """Everything generation needs, found once at load time."""
 
-    kind: str  # "hcx" (remote code, model card interface) or "generic" (image-text-to-text)
+    kind: str  # "hcx" (remote code), "generic" (image-text-to-text) or "text" (a causal LM, no vision)
+    interface: str  # "hcx-v1", "hcx-v2", "generic" or "text": how inputs are built (section 3)
     model: Any
     processor: Any
     tokenizer: Any
@@ -242,9 +270,17 @@ class LoadedModel:
     stop_token_ids: tuple[int, ...]
     pad_token_id: int
     context_length: int
+    revision: str | None = None  # the commit the folder's files came from, when it can be told
+    image_token_id: int | None = None
     demo: bool = False
     load_seconds: float = 0.0
-    generation_backend: str = "eager"  # what runs: "eager", "gemv" or "static" (section 4)
+    generation_backend: str = "eager"  # what runs: "eager", "gemv", "static" or "hf" (section 4)
+    note: str = ""  # shown in /health (demo mode, text-only model)
+    decoder: Any = None  # the causal LM our decode loop runs (section 4)
+    body: Any = None  # its decoder body, where the multimodal front hands over the prompt embeddings
+    keep_last_logits: bool = False  # the decoder takes logits_to_keep=1
+    static: Any = None  # StaticDecode: the static KV cache (and compiled step) made at load
+    grammar_tokenizer: Any = None  # llguidance's tokenizer, made on the first structured-output request
     weights: str = ""  # the decoder's linear layers as served: "int8", "bf16", "fp32" or "fp16"
     kernel: str = "torch"  # what runs one-row CPU products: a KERNEL_VARIANTS key or "torch" (section 4)
 
@@ -314,6 +350,15 @@ def has_model_files(folder: Path) -> bool:
         p.suffix in (".safetensors", ".bin") for p in folder.iterdir())
 
 
+def needs_download(folder: Path) -> bool:
+    """Missing or empty, or an interrupted hub download (its .cache/huggingface marker): fill or
+    resume it. Any other folder is the user's: it is checked, never overwritten."""
+    if not folder.is_dir():
+        return True
+    entries = [p for p in folder.iterdir() if p.name not in (".cache", ".gitattributes")]
+    return not entries or (not has_model_files(folder) and (folder / ".cache" / "huggingface").is_dir())
+
+
 def download_model(repo_id: str, revision: str, token: str | None, local_dir: str | None = None,
                    cache_dir: str | None = None) -> str:
     """Fetch a snapshot with the hub's progress bars; turn hub failures into one clear line."""
@@ -372,13 +417,17 @@ def locate_model(cfg: Config) -> Path:
         return folder
     path = cfg.model_path
     if not looks_local(path):
+        warn_if_unpinned(cfg.model_revision)
         return Path(download_model(path, cfg.model_revision, cfg.hf_token, cache_dir=cfg.cache_dir))
     folder = Path(os.path.expanduser(path))
     if folder.exists() and not folder.is_dir():
+        if folder.suffix.lower() == ".gguf":
+            raise ModelLoadError(gguf_message(path))
         raise ModelLoadError(f"MODEL_PATH={path} is a file, not a model folder")
-    if folder.is_dir() and has_model_files(folder):
+    if not needs_download(folder):
         return folder
     log.info("MODEL_PATH=%s holds no model yet: downloading %s into it", path, cfg.model_id)
+    warn_if_unpinned(cfg.model_revision)
     created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -396,16 +445,169 @@ def locate_model(cfg: Config) -> Path:
     return folder
 
 
-def model_kind(folder: Path) -> str:
-    """HCX remote code or a model transformers knows natively, from config.json alone."""
+def warn_if_unpinned(revision: str) -> None:
+    """A branch or tag (MODEL_REVISION=main) moves: the model's remote code would run unpinned."""
+    if not re.fullmatch(r"[0-9a-f]{7,40}", revision):
+        log.warning("MODEL_REVISION=%s is not a commit id: the model's remote code (trust_remote_code) then runs "
+                    "UNPINNED, whatever that branch holds when it is downloaded; pin a commit id instead", revision)
+
+
+# -- what a model folder holds: checked before loading, one line per problem ----------------
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    """What the files of a model folder say, before any weights are read."""
+
+    path: Path
+    kind: str  # hcx | generic | text
+    interface: str  # hcx-v1 | hcx-v2 | generic | text
+    revision: str | None
+    config: dict
+
+
+def gguf_message(where: str) -> str:
+    return (f"{where} is a GGUF file (for llama.cpp / Ollama); hcx-server loads the Hugging Face folder "
+            f"(config.json + *.safetensors), e.g. `hcx-cli download` of {HCX_HUB_ID}")
+
+
+def read_json_file(path: Path) -> dict:
     try:
-        config = json.loads((folder / "config.json").read_text())
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ModelLoadError(f"{path} cannot be read as JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{path} is not a JSON object")
+    return value
+
+
+def safetensors_complete(path: Path) -> str | None:
+    """None when the file holds every byte its header promises, else what is wrong (a cut download)."""
+    import struct
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                return f"{path.name} is truncated ({size} bytes)"
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > min(size - 8, 100 << 20):
+                return f"{path.name} is truncated or not a safetensors file"
+            header = json.loads(fh.read(header_len))
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{folder}/config.json cannot be read: {exc}") from None
-    architectures = config.get("architectures") or []
-    if config.get("model_type") == "hyperclovax_vlm" or "HCXVisionForCausalLM" in architectures:
-        return "hcx"
-    return "generic"
+        return f"{path.name} cannot be read ({exc})"
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if size < 8 + header_len + end:
+        return f"{path.name} is truncated: {size} of {8 + header_len + end} bytes"
+    return None
+
+
+def check_weights(folder: Path) -> None:
+    """Every shard the index lists is present and whole; a folder of GGUF files is named as such."""
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        shards = sorted(set(read_json_file(indexes[0]).get("weight_map", {}).values()))
+        missing = [name for name in shards if not (folder / name).is_file()]
+        if missing:
+            raise ModelLoadError(f"{folder} is a partial download: {len(missing)} of {len(shards)} weight shards "
+                                 f"listed in {indexes[0].name} are missing ({', '.join(missing[:3])}"
+                                 f"{', ...' if len(missing) > 3 else ''}); run `hcx-cli download` to complete it")
+        files = [folder / name for name in shards]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    for path in files:
+        problem = safetensors_complete(path)
+        if problem:
+            raise ModelLoadError(f"{folder} is a partial download: {problem}; run `hcx-cli download` to complete it")
+    if files or any(folder.glob("*.bin")):
+        return
+    ggufs = sorted(folder.glob("*.gguf"))
+    if ggufs:
+        raise ModelLoadError(gguf_message(str(ggufs[0])))
+    raise ModelLoadError(f"{folder} holds no weights (*.safetensors or *.bin)")
+
+
+def folder_revision(folder: Path) -> str | None:
+    """The commit a folder came from: a hub cache snapshot's name, or the metadata a hub download
+    into a folder leaves in .cache/huggingface/download."""
+    for part in folder.resolve().parts[::-1]:
+        if re.fullmatch(r"[0-9a-f]{40}", part):
+            return part
+    for meta in sorted((folder / ".cache" / "huggingface" / "download").glob("*.metadata")):
+        try:
+            first = meta.read_text(encoding="utf-8").split("\n", 1)[0].strip()
+        except OSError:
+            continue
+        if re.fullmatch(r"[0-9a-f]{40}", first):
+            return first
+    return None
+
+
+def hcx_interface(folder: Path) -> str:
+    """v2 ("New Processor, Model for vLLM"): processor_config.json maps AutoProcessor to
+    processing_hyperclovax.HCXProcessor; v1 (first upload): the preprocessor with load_images_videos."""
+    processor_config = folder / "processor_config.json"
+    if processor_config.is_file():
+        target = str(read_json_file(processor_config).get("auto_map", {}).get("AutoProcessor", ""))
+        if target.split("--")[-1].startswith("processing_hyperclovax."):
+            return "hcx-v2"
+    return "hcx-v2" if (folder / "processing_hyperclovax.py").is_file() else "hcx-v1"
+
+
+def remote_code_modules(folder: Path, config: dict) -> list[str]:
+    """The .py files the auto_maps name (config.json and the processor configs)."""
+    maps = [config.get("auto_map", {})]
+    maps += [read_json_file(folder / name).get("auto_map", {}) for name in PROCESSOR_FILES if (folder / name).is_file()]
+    targets = [t for m in maps if isinstance(m, dict) for v in m.values() for t in (v if isinstance(v, list) else [v])]
+    return sorted({f"{t.split('--')[-1].rsplit('.', 1)[0]}.py" for t in targets if isinstance(t, str) and "." in t})
+
+
+def is_vision_config(config: dict) -> bool:
+    return bool(config.get("vision_config")) or any(
+        re.search(r"(ConditionalGeneration|ImageTextToText|Vision)", a) for a in config.get("architectures") or [])
+
+
+def inspect_model_folder(folder: Path) -> ModelFolder:
+    """Fail at start-up with one line naming what is wrong with a broken or foreign folder."""
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        ggufs = sorted(folder.glob("*.gguf"))
+        if ggufs:
+            raise ModelLoadError(gguf_message(str(ggufs[0])))
+        raise ModelLoadError(f"{folder} has no config.json: not a Hugging Face model folder, or an incomplete "
+                             "download (run `hcx-cli download`)")
+    config = read_json_file(config_path)
+    check_weights(folder)
+    model_type = config.get("model_type")
+    if model_type == "hyperclovax_vlm" or "HCXVisionForCausalLM" in (config.get("architectures") or []):
+        kind = "hcx"
+    elif "auto_map" in config or model_type in known_model_types():
+        kind = "generic" if is_vision_config(config) else "text"
+    else:
+        raise ModelLoadError(f"{folder}/config.json has model_type {model_type!r}, which is neither HyperCLOVA X SEED "
+                             f"Vision (hyperclovax_vlm) nor a model type transformers knows")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelLoadError(f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}); the download is "
+                             "incomplete: run `hcx-cli download`")
+    if kind != "text" and not any((folder / name).is_file() for name in PROCESSOR_FILES):
+        raise ModelLoadError(f"{folder} has no {' or '.join(PROCESSOR_FILES)}: the image preprocessing settings are "
+                             "missing (incomplete download?)")
+    missing = [name for name in remote_code_modules(folder, config) if not (folder / name).is_file()]
+    if missing:
+        raise ModelLoadError(f"{folder}: the model's code file(s) {', '.join(missing)} named in its auto_map are "
+                             "missing (incomplete download?)")
+    interface = hcx_interface(folder) if kind == "hcx" else kind
+    return ModelFolder(folder, kind, interface, folder_revision(folder), config)
+
+
+def known_model_types() -> frozenset[str]:
+    from transformers import CONFIG_MAPPING
+
+    return frozenset(CONFIG_MAPPING.keys())
 
 
 def dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
@@ -417,13 +619,13 @@ def dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
 
 
 def load_hcx(folder: Path, dtype: torch.dtype):
-    """The model card's interface: AutoModelForCausalLM + AutoProcessor with remote code."""
+    """The model's remote code: AutoModelForCausalLM + AutoProcessor (trust_remote_code)."""
     from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, low_cpu_mem_usage=True,
                                                  **dtype_kwarg(dtype))
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = getattr(processor, "tokenizer", None) or AutoTokenizer.from_pretrained(folder)
     return model, processor, tokenizer
 
 
@@ -434,6 +636,39 @@ def load_generic(folder: Path, dtype: torch.dtype):
     model = AutoModelForImageTextToText.from_pretrained(folder, low_cpu_mem_usage=True, **dtype_kwarg(dtype))
     processor = AutoProcessor.from_pretrained(folder, use_fast=False)  # fast ones need torchvision
     return model, processor, processor.tokenizer
+
+
+def load_text(folder: Path, dtype: torch.dtype):
+    """A causal LM without a vision part (e.g. the text-only HyperCLOVA X SEED models): text requests only."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, low_cpu_mem_usage=True,
+                                                 **dtype_kwarg(dtype))
+    return model, None, AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+
+
+LOADERS = {"hcx": load_hcx, "generic": load_generic, "text": load_text}
+
+
+def check_interface(info: ModelFolder, processor) -> None:
+    """The processor must offer what its revision's input building calls (section 3)."""
+    if info.interface == "hcx-v1" and not hasattr(processor, "load_images_videos"):
+        raise ModelLoadError(f"{info.path}: the HCX processor ({type(processor).__name__}) has neither the first "
+                             "revision's load_images_videos() nor the later processor_config.json (HCXProcessor)")
+    if info.interface == "hcx-v2" and not callable(processor):
+        raise ModelLoadError(f"{info.path}: the HCX processor ({type(processor).__name__}) is not callable as "
+                             "processor(text=..., images=...)")
+
+
+def image_token_id(model, tokenizer) -> int | None:
+    """The image placeholder id: config.image_token_id (v2, LLaVA), img_start_id (v1), else <|dummy3|>."""
+    config = model.config
+    for key in ("image_token_id", "image_token_index", "img_start_id"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    token_id = tokenizer.convert_tokens_to_ids("<|dummy3|>")
+    return token_id if isinstance(token_id, int) and token_id != tokenizer.unk_token_id else None
 
 
 def vision_modules(model) -> list[torch.nn.Module]:
@@ -624,25 +859,26 @@ def context_length(model, tokenizer) -> int:
 
 
 def load_model(cfg: Config) -> LoadedModel:
-    """Locate (or download), load with the target dtype directly, move to the device."""
+    """Locate (or download), check the folder, load with the target dtype directly, move to the device."""
     started = time.perf_counter()
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     device = resolve_device(cfg)
-    dtype = resolve_dtype(cfg.dtype, device, cfg.generation_backend != "eager" or cfg.weights == "int8")
-    folder = locate_model(cfg)
-    kind = model_kind(folder)
-    log.info("loading %s model from %s on %s as %s", kind, folder, device, str(dtype).replace("torch.", ""))
+    dtype = resolve_dtype(cfg.dtype, device, cfg.generation_backend in ("auto", "gemv") or cfg.weights == "int8")
+    info = inspect_model_folder(locate_model(cfg))
+    log.info("loading %s (%s interface, revision %s) from %s on %s as %s", info.kind, info.interface,
+             info.revision or "unknown", info.path, device, str(dtype).replace("torch.", ""))
     try:
-        model, processor, tokenizer = (load_hcx if kind == "hcx" else load_generic)(folder, dtype)
+        model, processor, tokenizer = LOADERS[info.kind](info.path, dtype)
     except ImportError as exc:
         raise ModelLoadError(f"the model's code needs a package that is not installed: {exc} "
                              "(pip install 'hcx-server[hcx]' installs timm and einops)") from None
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load the model in {folder}: {exc}") from None
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot load the model in {info.path}: {type(exc).__name__}: {exc}") from None
+    check_interface(info, processor)
     model.to(device).eval()
     vision_dtype = dtype
-    if cfg.vision_dtype == "float32" and dtype != torch.float32:
+    if cfg.vision_dtype == "float32" and dtype != torch.float32 and info.kind != "text":
         keep_vision_in_float32(model, dtype)
         vision_dtype = torch.float32
     weights = WEIGHT_NAMES.get(dtype, str(dtype))
@@ -660,15 +896,20 @@ def load_model(cfg: Config) -> LoadedModel:
         log.warning("MAX_MODEL_LEN=%d is beyond the model's %d-token window: long requests may fail",
                     cfg.max_model_len, window)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
-    loaded = LoadedModel(kind=kind, model=model, processor=processor, tokenizer=tokenizer,
-                         name=cfg.served_model_name, path=str(folder), device=device, dtype=dtype,
-                         vision_dtype=vision_dtype, stop_token_ids=stops, pad_token_id=pad,
-                         context_length=cfg.max_model_len or window, demo=cfg.demo, weights=weights)
+    notes = ["DEMO MODE: tiny random-weight model, answers are gibberish"] if cfg.demo else []
+    if info.kind == "text":
+        notes.append("text-only model (no vision part): requests with images get a 400")
+    loaded = LoadedModel(kind=info.kind, interface=info.interface, model=model, processor=processor,
+                         tokenizer=tokenizer, name=cfg.served_model_name, path=str(info.path), device=device,
+                         dtype=dtype, vision_dtype=vision_dtype, stop_token_ids=stops, pad_token_id=pad,
+                         context_length=cfg.max_model_len or window, revision=info.revision,
+                         image_token_id=image_token_id(model, tokenizer) if info.kind != "text" else None,
+                         demo=cfg.demo, note="; ".join(notes), weights=weights)
     loaded.generation_backend = prepare_generation_backend(cfg, loaded)
     loaded.load_seconds = time.perf_counter() - started
-    log.info("model ready in %.1f s (context %d tokens, stop ids %s, %s weights, %s generation, kernel %s)",
-             loaded.load_seconds, loaded.context_length, list(stops), loaded.weights, loaded.generation_backend,
-             loaded.kernel)
+    log.info("model ready in %.1f s: %s interface, revision %s, context %d tokens, stop ids %s, %s weights, "
+             "%s generation, kernel %s", loaded.load_seconds, loaded.interface, loaded.revision or "unknown",
+             loaded.context_length, list(stops), loaded.weights, loaded.generation_backend, loaded.kernel)
     return loaded
 
 
@@ -789,6 +1030,7 @@ class GenerationRequest:
     top_p: float = 0.6
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    constraint: Constraint | None = None  # structured output: the answer's grammar (JSON, tool calls)
 
     @property
     def image_count(self) -> int:
@@ -906,9 +1148,13 @@ def field_str(body: Mapping, key: str, required: bool = False) -> str | None:
     return value
 
 
-def sampling_fields(body: Mapping, cfg: Config) -> dict[str, Any]:
-    """max_tokens, min_tokens, temperature, top_p, seed: the same bounds in every API."""
-    max_tokens = field_int(body, "max_tokens", 1, cfg.max_tokens_cap, "max_completion_tokens", "max_new_tokens")
+MAX_TOKENS_NAMES = ("max_tokens", "max_completion_tokens", "max_new_tokens")
+
+
+def sampling_fields(body: Mapping, cfg: Config, max_names: tuple[str, ...] = MAX_TOKENS_NAMES) -> dict[str, Any]:
+    """max_tokens, min_tokens, temperature, top_p, seed: the same bounds in every API (each API
+    names its token limit its own way: `max_names`, the first one present wins)."""
+    max_tokens = field_int(body, max_names[0], 1, cfg.max_tokens_cap, *max_names[1:])
     min_tokens = field_int(body, "min_tokens", 0, cfg.max_tokens_cap) or 0
     temperature = field_float(body, "temperature", 0.0, 2.0)
     top_p = field_float(body, "top_p", 0.0, 1.0, lo_open=True)
@@ -956,7 +1202,10 @@ def prompt_request(body: Mapping, cfg: Config, allow_image_path: bool = False) -
     if image_path:
         images.append(image_from_path(image_path, cfg))
     messages = with_system_prompt([Message("user", prompt, images)], cfg)
-    return GenerationRequest(messages=messages, **sampling_fields(body, cfg))
+    constraint = json_constraint(schema_field(body["json_schema"], "json_schema"), "json_schema") \
+        if body.get("json_schema") is not None else None
+    return GenerationRequest(messages=with_constraint_instructions(messages, constraint), constraint=constraint,
+                             **sampling_fields(body, cfg))
 
 
 # -- OpenAI chat completions --------------------------------------------------------------
@@ -964,31 +1213,33 @@ def prompt_request(body: Mapping, cfg: Config, allow_image_path: bool = False) -
 OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
-def reject_unsupported(body: Mapping) -> None:
+# Fields that would change the answer's meaning if silently ignored: name -> "is this value unsupported?"
+CHAT_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "functions": lambda v: bool(v), "function_call": lambda v: v not in (None, "none"),
+    "logprobs": lambda v: v is not False, "top_logprobs": lambda v: bool(v), "logit_bias": lambda v: bool(v),
+    "frequency_penalty": lambda v: v != 0, "presence_penalty": lambda v: v != 0,
+    "audio": lambda v: True, "prediction": lambda v: True,
+    "modalities": lambda v: v != ["text"],
+}
+
+
+def reject_unsupported(body: Mapping, checks: Mapping[str, Callable[[Any], bool]] = CHAT_UNSUPPORTED,
+                       hints: Mapping[str, str] | None = None) -> None:
     """Fields that would change the answer's meaning if silently ignored are a 400 naming them."""
-    checks = {
-        "tools": lambda v: bool(v), "functions": lambda v: bool(v),
-        "tool_choice": lambda v: v not in (None, "none"), "function_call": lambda v: v not in (None, "none"),
-        "response_format": lambda v: not (isinstance(v, dict) and v.get("type") == "text"),
-        "logprobs": lambda v: v is not False, "top_logprobs": lambda v: bool(v), "logit_bias": lambda v: bool(v),
-        "frequency_penalty": lambda v: v != 0, "presence_penalty": lambda v: v != 0,
-        "audio": lambda v: True, "prediction": lambda v: True,
-        "modalities": lambda v: v != ["text"],
-    }
     for name, unsupported in checks.items():
         if body.get(name) is not None and unsupported(body[name]):
-            raise InputError(f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
-    n = field_int(body, "n", 1, 2**31 - 1)
-    if n not in (None, 1):
-        raise InputError("only n=1 is supported", param="n", code="unsupported_parameter")
+            hint = (hints or {}).get(name, "")
+            raise InputError(f"'{name}' is not supported by this server{hint}", param=name,
+                             code="unsupported_parameter")
 
 
-def openai_stop(value) -> tuple[str, ...]:
+def openai_stop(value, most: int = 4) -> tuple[str, ...]:
     if value is None:
         return ()
     stops = [value] if isinstance(value, str) else value
-    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops) or len(stops) > 4:
-        raise InputError("'stop' must be a string or a list of at most 4 strings", param="stop", code="invalid_type")
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops) or len(stops) > most:
+        raise InputError(f"'stop' must be a string or a list of at most {most} strings", param="stop",
+                         code="invalid_type")
     return tuple(s for s in stops if s)
 
 
@@ -1081,15 +1332,26 @@ def fetch_remote_image(url: str, cfg: Config, param: str = "image_url",
     return open_image(b"".join(chunks), cfg, param)
 
 
-def openai_message(index: int, message, cfg: Config) -> Message:
-    where = f"messages[{index}]"
+CHAT_PARTS = {"text": "text", "image_url": "image"}  # content part type -> what it carries
+
+
+def openai_message(index: int, message, cfg: Config, field: str = "messages",
+                   parts: Mapping[str, str] = CHAT_PARTS) -> Message:
+    """One chat-style message {role, content: str | [parts]} -> Message; the Responses API shares it
+    with its own part names (`parts`) and field name (`input`)."""
+    where = f"{field}[{index}]"
     if not isinstance(message, dict):
         raise InputError(f"{where} must be an object", param=where, code="invalid_type")
     role = message.get("role")
+    if role == "tool" and field == "messages":
+        return tool_result_message(message, where)
     if role not in OPENAI_ROLES:
-        raise InputError(f"{where}.role must be one of system, developer, user, assistant (got {role!r})",
-                         param=f"{where}.role", code="invalid_value")
+        raise InputError(f"{where}.role must be one of system, developer, user, assistant{', tool' * (field == 'messages')}"
+                         f" (got {role!r})", param=f"{where}.role", code="invalid_value")
     content = message.get("content")
+    if role == "assistant" and message.get("tool_calls") and field == "messages":
+        text = openai_message(index, {"role": "assistant", "content": content}, cfg, field, parts).text
+        return Message("assistant", "\n".join(t for t in (text, rendered_tool_calls(message["tool_calls"], where)) if t))
     if isinstance(content, str):
         return Message(OPENAI_ROLES[role], content)
     if content is None and role == "assistant":
@@ -1097,27 +1359,32 @@ def openai_message(index: int, message, cfg: Config) -> Message:
     if not isinstance(content, list):
         raise InputError(f"{where}.content must be a string or a list of parts", param=f"{where}.content",
                          code="invalid_type")
+    text_part, image_part = (" or ".join(k for k, v in parts.items() if v == kind) for kind in ("text", "image"))
     texts, images = [], []
     for j, part in enumerate(content):
         at = f"{where}.content[{j}]"
-        kind = part.get("type") if isinstance(part, dict) else None
+        kind = parts.get(part.get("type")) if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
-        elif kind == "image_url" and role == "user":
+        elif kind == "image" and role == "user":
             image = part.get("image_url")
             url = image.get("url") if isinstance(image, dict) else image
             if not isinstance(url, str):
-                raise InputError(f"{at}.image_url.url must be a string", param=f"{at}.image_url", code="invalid_type")
+                hint = "; file_id needs a Files API this server does not have" if part.get("file_id") else ""
+                raise InputError(f"{at}.image_url must be a URL string{hint}", param=f"{at}.image_url",
+                                 code="invalid_type")
             images.append(image_from_url(url, cfg, f"{at}.image_url"))
         else:
-            raise InputError(f"{at} must be a text part (or an image_url part in a user message)", param=at,
-                             code="invalid_value")
+            raise InputError(f"{at} must be a text part ({text_part}) or, in a user message, an image part "
+                             f"({image_part})", param=at, code="invalid_value")
     return Message(OPENAI_ROLES[role], "\n".join(texts), images)
 
 
 def openai_request(body: Mapping, cfg: Config) -> GenerationRequest:
     """/v1/chat/completions body -> GenerationRequest (unsupported meaning-changing fields are 400s)."""
     reject_unsupported(body)
+    if field_int(body, "n", 1, 2**31 - 1) not in (None, 1):
+        raise InputError("only n=1 is supported", param="n", code="unsupported_parameter")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InputError("'messages' must be a non-empty list", param="messages", code="invalid_value")
@@ -1126,8 +1393,9 @@ def openai_request(body: Mapping, cfg: Config) -> GenerationRequest:
         raise InputError("'messages' needs at least one user message", param="messages", code="invalid_value")
     if field_str(body, "model") is None and "model" in body:
         raise InputError("'model' must be a string", param="model", code="invalid_type")
-    return GenerationRequest(messages=with_system_prompt(parsed, cfg), stop=openai_stop(body.get("stop")),
-                             **sampling_fields(body, cfg))
+    constraint = chat_constraint(body)
+    return GenerationRequest(messages=with_constraint_instructions(with_system_prompt(parsed, cfg), constraint),
+                             stop=openai_stop(body.get("stop")), constraint=constraint, **sampling_fields(body, cfg))
 
 
 def stream_options(body: Mapping, streaming: bool) -> bool:
@@ -1144,19 +1412,415 @@ def stream_options(body: Mapping, streaming: bool) -> bool:
     return options.get("include_usage", False)
 
 
+# -- structured output: JSON schemas and tool calls -------------------------------------------
+# Every API's way of asking for JSON (chat `response_format`, Responses `text.format`, Ollama
+# `format`, the seed route's and the MCP tool's `json_schema`) and chat `tools` become one
+# Constraint: a grammar for llguidance (a grammar engine built for byte-level BPE vocabularies).
+# Section 4 applies it as a token mask before every sample, so the answer always parses; the
+# prompt also tells the model what is wanted (a 3 B model fills a schema better when it sees it).
+
+MAX_SCHEMA_BYTES = 64 * 1024
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}  # compact, one layout
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What the answer must be: `grammar` (llguidance's), and how to read and describe it."""
+
+    kind: str  # "json": one JSON value | "tool": a <tool_call>{"name", "arguments"}</tool_call> (or text if auto)
+    grammar: str
+    schema: dict | None = None  # the JSON schema ("json"), for the prompt
+    tools: tuple[dict, ...] = ()  # ({"name", "description", "parameters"}, ...) ("tool")
+    choice: str = "auto"  # "auto" (text or a call), "required" (some call), or a function's name
+    fields: tuple[tuple[str, Any], ...] = ()  # the request's own fields, for an OpenAI-compatible upstream
+
+
+def schema_field(value, param: str) -> dict:
+    """A JSON schema object of bounded size (an oversized one is refused before any compiling)."""
+    if not isinstance(value, dict):
+        raise InputError(f"'{param}' must be a JSON schema object", param=param, code="invalid_type")
+    size = len(json.dumps(value))
+    if size > MAX_SCHEMA_BYTES:
+        raise InputError(f"'{param}' is {size} bytes of JSON schema; at most {MAX_SCHEMA_BYTES} are accepted",
+                         param=param, code="schema_too_large")
+    return value
+
+
+def closed_objects(schema):
+    """Objects that list their properties get additionalProperties: false unless they say otherwise
+    (xgrammar's strict default): guided decoding must not invent keys the schema never named."""
+    if isinstance(schema, list):
+        return [closed_objects(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: (value if key in ("enum", "const", "default", "examples") else closed_objects(value))
+           for key, value in schema.items()}
+    if isinstance(out.get("properties"), dict) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+def json_grammar(schema: dict, param: str) -> str:
+    from llguidance import LLMatcher
+
+    try:
+        return LLMatcher.grammar_from_json_schema(closed_objects(schema), overrides=JSON_STYLE)
+    except ValueError as exc:
+        raise InputError(f"'{param}' is not a usable JSON schema: {exc}", param=param, code="invalid_schema") from None
+
+
+def json_constraint(schema: dict, param: str, fields: tuple = ()) -> Constraint:
+    return Constraint("json", json_grammar(schema, param), schema=schema, fields=fields)
+
+
+def response_format_constraint(value, param: str = "response_format", fields: tuple = ()) -> Constraint | None:
+    """OpenAI's {"type": "text" | "json_object" | "json_schema", "json_schema": {"name", "schema", "strict"}}
+    (the Responses API's text.format has the schema fields at the top level)."""
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json_constraint({"type": "object"}, param, fields)
+    if kind == "json_schema":
+        spec = value.get("json_schema", value)  # chat nests it, Responses does not
+        if not isinstance(spec, dict) or "schema" not in spec:
+            raise InputError(f"'{param}' of type json_schema needs a 'schema' object", param=param,
+                             code="invalid_value")
+        return json_constraint(schema_field(spec["schema"], f"{param}.schema"), f"{param}.schema", fields)
+    raise InputError(f"'{param}' type must be text, json_object or json_schema (got {kind!r})", param=param,
+                     code="invalid_value")
+
+
+def tool_specs(tools) -> tuple[dict, ...]:
+    """Chat `tools` -> ({"name", "description", "parameters"}, ...), checked."""
+    if not isinstance(tools, list) or not tools:
+        raise InputError("'tools' must be a non-empty list of function tools", param="tools", code="invalid_value")
+    specs, names = [], set()
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name) or name in names:
+            raise InputError(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}} with a "
+                             "unique name of letters, digits, _ . - (at most 64)", param=f"tools[{i}]",
+                             code="invalid_value")
+        parameters = function.get("parameters", {"type": "object", "properties": {}})
+        names.add(name)
+        specs.append({"name": name, "description": str(function.get("description") or ""),
+                      "parameters": schema_field(parameters, f"tools[{i}].function.parameters")})
+    return tuple(specs)
+
+
+def tool_constraint(body: Mapping) -> Constraint | None:
+    """`tools` with `tool_choice`: a named function or "required" force a valid call; "auto" lets the
+    model answer in text (not starting with '<') or with a valid call; "none" ignores the tools."""
+    choice = body.get("tool_choice", "auto")
+    if isinstance(choice, dict):
+        named = choice.get("function", {}).get("name") if choice.get("type") == "function" and \
+            isinstance(choice.get("function"), dict) else None
+        if not isinstance(named, str):
+            raise InputError("'tool_choice' must be none, auto, required or {\"type\": \"function\", \"function\": "
+                             "{\"name\": ...}}", param="tool_choice", code="invalid_value")
+        choice = named
+    elif choice not in ("none", "auto", "required"):
+        raise InputError("'tool_choice' must be none, auto, required or a function", param="tool_choice",
+                         code="invalid_value")
+    if choice == "none" or body.get("tools") is None:
+        return None
+    specs = tool_specs(body["tools"])
+    chosen = [t for t in specs if choice in ("auto", "required") or t["name"] == choice]
+    if not chosen:
+        raise InputError(f"tool_choice names {choice!r}, which is not among the tools", param="tool_choice",
+                         code="invalid_value")
+    calls = {"anyOf": [{"type": "object", "properties": {"name": {"const": t["name"]}, "arguments": t["parameters"]},
+                        "required": ["name", "arguments"]} for t in chosen]}
+    call = "%json " + json.dumps(closed_objects(calls) | {"x-guidance": JSON_STYLE})
+    start = f'"{TOOL_CALL_OPEN}" call "{TOOL_CALL_CLOSE}"'
+    if choice == "auto":  # free text may not start with '<', so an answer starting with it is a checked call
+        lark = f"start: TEXT | {start}\nTEXT: /[^<](?s:.)*/\ncall: {call}\n"
+    else:
+        lark = f"start: {start}\ncall: {call}\n"
+    from llguidance import LLMatcher
+
+    fields = tuple((k, body[k]) for k in ("tools", "tool_choice") if k in body)
+    return Constraint("tool", LLMatcher.grammar_from_lark(lark), tools=specs, choice=choice, fields=fields)
+
+
+def chat_constraint(body: Mapping) -> Constraint | None:
+    fmt = response_format_constraint(body.get("response_format"),
+                                     fields=(("response_format", body.get("response_format")),))
+    tools = tool_constraint(body)
+    if fmt is not None and tools is not None:
+        raise InputError("send either 'tools' or a JSON 'response_format', not both", param="response_format",
+                         code="unsupported_parameter")
+    return fmt or tools
+
+
+def with_constraint_instructions(messages: list[Message], c: Constraint | None) -> list[Message]:
+    """Say in the system prompt what the grammar will enforce anyway (schema, tools, call format)."""
+    if c is None:
+        return messages
+    if c.kind == "json":
+        text = ("Answer with JSON only." if c.schema == {"type": "object"} else
+                "Answer with JSON only, valid against this JSON schema:\n" + json.dumps(c.schema, ensure_ascii=False))
+    else:
+        listed = "\n".join(f"- {t['name']}: {t['description']} Arguments (JSON schema): "
+                           f"{json.dumps(t['parameters'], ensure_ascii=False)}" for t in c.tools)
+        how = (f'To call a function, answer with only {TOOL_CALL_OPEN}{{"name": "<function name>", "arguments": '
+               f'{{<arguments>}}}}{TOOL_CALL_CLOSE}.')
+        when = {"auto": " Call a function only when it helps; otherwise answer in text.",
+                "required": " You must call one of the functions."}.get(c.choice, f" You must call {c.choice}.")
+        text = f"You can call these functions:\n{listed}\n{how}{when} Function results come back as " \
+               f"<tool_response> messages."
+    if messages and messages[0].role == "system":
+        return [Message("system", f"{messages[0].text}\n\n{text}" if messages[0].text else text,
+                        messages[0].images), *messages[1:]]
+    return [Message("system", text), *messages]
+
+
+def rendered_tool_calls(calls, where: str) -> str:
+    """An assistant turn's tool_calls in the prompt, as the model is told to write them."""
+    if not isinstance(calls, list):
+        raise InputError(f"{where}.tool_calls must be a list", param=f"{where}.tool_calls", code="invalid_type")
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise InputError(f"{where}.tool_calls[{j}] must be a function call with a name",
+                             param=f"{where}.tool_calls[{j}]", code="invalid_value")
+        arguments = function.get("arguments", "{}")
+        try:
+            arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+        except ValueError:
+            pass  # kept as the string the client sent
+        out.append(TOOL_CALL_OPEN + json.dumps({"name": function["name"], "arguments": arguments},
+                                               ensure_ascii=False) + TOOL_CALL_CLOSE)
+    return "\n".join(out)
+
+
+def tool_result_message(message: dict, where: str) -> Message:
+    """role "tool" (a function's result) -> a user turn <tool_response>{"tool_call_id", "content"}</tool_response>
+    (the documented plain format: the HCX chat templates know no tool role)."""
+    content = message.get("content")
+    if isinstance(content, list):
+        content = "\n".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    if not isinstance(content, str):
+        raise InputError(f"{where}.content of a tool message must be a string or text parts", param=f"{where}.content",
+                         code="invalid_type")
+    payload = {"tool_call_id": message.get("tool_call_id"), "content": content}
+    return Message("user", f"<tool_response>{json.dumps(payload, ensure_ascii=False)}</tool_response>")
+
+
+# -- OpenAI Responses API (/v1/responses) -----------------------------------------------------
+
+RESPONSES_PARTS = {"input_text": "text", "output_text": "text", "input_image": "image"}
+NO_STORED_STATE = (": this server stores no responses (only the text of its recent answers, for item_reference), "
+                   "so send the whole conversation in 'input' (and store=false, or leave store out)")
+RESPONSES_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "tools": lambda v: bool(v), "tool_choice": lambda v: v not in ("none", "auto"),
+    "text": lambda v: not isinstance(v, dict) or set(v) - {"format", "verbosity"} or
+    v.get("verbosity") not in (None, "medium"),
+    "reasoning": lambda v: not isinstance(v, dict) or any(x not in (None, "none") for x in v.values()),
+    "include": lambda v: bool(v), "top_logprobs": lambda v: bool(v), "background": lambda v: v is not False,
+    "truncation": lambda v: v != "disabled", "prompt": lambda v: True,
+    "store": lambda v: v is not False, "previous_response_id": lambda v: True, "conversation": lambda v: True,
+}
+RESPONSES_HINTS = {"store": NO_STORED_STATE, "previous_response_id": NO_STORED_STATE, "conversation": NO_STORED_STATE,
+                   "truncation": ": an input too long for the context is a 400 (truncation 'disabled')"}
+
+
+def responses_input(value, cfg: Config, recall: Callable[[Any], str | None]) -> list[Message]:
+    """`input`: a string (one user message) or a list of message items with input_text /
+    input_image parts (output_text for earlier assistant turns), or item_references to answers
+    this server gave recently (`recall` has their text)."""
+    if isinstance(value, str):
+        return [Message("user", value)]
+    if not isinstance(value, list) or not value:
+        raise InputError("'input' must be a string or a non-empty list of message items", param="input",
+                         code="invalid_value")
+    messages = []
+    for i, item in enumerate(value):
+        kind = item.get("type", "message") if isinstance(item, dict) else None
+        if kind == "item_reference":
+            text = recall(item.get("id"))
+            if text is None:
+                raise InputError(f"input[{i}] refers to item {item.get('id')!r}, which is not one of the answers this "
+                                 f"server keeps{NO_STORED_STATE}", param=f"input[{i}]", code="item_not_found")
+            messages.append(Message("assistant", text))
+        elif kind == "message":
+            messages.append(openai_message(i, item, cfg, field="input", parts=RESPONSES_PARTS))
+        else:
+            raise InputError(f"input[{i}] is a {kind!r} item; only message items (and item_reference) are supported",
+                             param=f"input[{i}]", code="unsupported_parameter" if isinstance(kind, str) else "invalid_type")
+    return messages
+
+
+def responses_request(body: Mapping, cfg: Config,
+                      recall: Callable[[Any], str | None] = lambda item_id: None) -> GenerationRequest:
+    """/v1/responses body -> GenerationRequest; `instructions` is a system message before the input."""
+    reject_unsupported(body, RESPONSES_UNSUPPORTED, RESPONSES_HINTS)
+    if "input" not in body:
+        raise InputError("'input' is required", param="input", code="missing_field")
+    messages = responses_input(body["input"], cfg, recall)
+    instructions = field_str(body, "instructions")
+    if instructions:
+        messages.insert(0, Message("system", instructions))
+    if not any(m.role == "user" for m in messages):
+        raise InputError("'input' needs at least one user message", param="input", code="invalid_value")
+    if field_str(body, "model") is None and "model" in body:
+        raise InputError("'model' must be a string", param="model", code="invalid_type")
+    text = body.get("text") or {}
+    constraint = response_format_constraint(text.get("format"), "text.format", (("text", text),))
+    return GenerationRequest(messages=with_constraint_instructions(with_system_prompt(messages, cfg), constraint),
+                             stop=openai_stop(body.get("stop")), constraint=constraint,
+                             **sampling_fields(body, cfg, max_names=("max_output_tokens",)))
+
+
+# -- Ollama API (/api/chat, /api/generate) ----------------------------------------------------
+
+OLLAMA_SAMPLING_OPTIONS = ("temperature", "top_p", "seed", "num_predict", "stop", "min_tokens")
+# Options that only tune Ollama's runtime (memory, threads, batching): no effect on the answer here.
+OLLAMA_RUNTIME_OPTIONS = frozenset({"num_ctx", "num_batch", "num_gpu", "main_gpu", "low_vram", "num_thread",
+                                    "numa", "use_mmap", "use_mlock", "num_keep", "vocab_only", "f16_kv",
+                                    "logits_all", "embedding_only"})
+OLLAMA_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "tools": lambda v: bool(v), "think": lambda v: v is not False,
+    "suffix": lambda v: bool(v), "template": lambda v: bool(v), "context": lambda v: bool(v),
+    "raw": lambda v: v is not False,
+}
+OLLAMA_HINTS = {"raw": ": the model's chat template is always applied", "think": ": this model does not think",
+                "context": ": send the conversation as /api/chat messages"}
+
+
+def ollama_sampling(body: Mapping, cfg: Config) -> dict[str, Any]:
+    """`options` -> sampling fields through the shared bounds; runtime-only options are accepted,
+    sampling options this server does not implement (top_k, penalties, ...) are a 400 naming them."""
+    reject_unsupported(body, OLLAMA_UNSUPPORTED, OLLAMA_HINTS)
+    keep_alive = body.get("keep_alive")
+    if keep_alive is not None and not (isinstance(keep_alive, str) or _is_number(keep_alive)):
+        raise InputError("'keep_alive' must be a duration string or a number of seconds", param="keep_alive",
+                         code="invalid_type")
+    options = body.get("options")
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise InputError("'options' must be an object", param="options", code="invalid_type")
+    for key, value in options.items():
+        if key not in OLLAMA_SAMPLING_OPTIONS and key not in OLLAMA_RUNTIME_OPTIONS and value is not None:
+            raise InputError(f"option '{key}' is not supported by this server (supported: "
+                             f"{', '.join(OLLAMA_SAMPLING_OPTIONS[:5])})", param=f"options.{key}",
+                             code="unsupported_parameter")
+    sampling = {k: v for k, v in options.items() if k in OLLAMA_SAMPLING_OPTIONS}
+    if sampling.get("num_predict") in (-1, -2):  # Ollama's "no limit" / "fill the context": our default
+        del sampling["num_predict"]
+    return {**sampling_fields(sampling, cfg, max_names=("num_predict",)), "stop": openai_stop(sampling.get("stop"), 16)}
+
+
+def ollama_model_field(body: Mapping) -> str:
+    model = field_str(body, "model", required=True)
+    if not model.strip():
+        raise InputError("'model' must not be empty", param="model", code="invalid_value")
+    return model
+
+
+def ollama_images(value, cfg: Config, where: str) -> list[Image.Image]:
+    """`images`: a list of base64 strings (Ollama sends no data: prefix; one is accepted)."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InputError(f"'{where}' must be a list of base64 strings", param=where, code="invalid_type")
+    return [decode_image(v, cfg, f"{where}[{j}]") for j, v in enumerate(value)]
+
+
+def ollama_message(index: int, message, cfg: Config) -> Message:
+    where = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise InputError(f"{where} must be an object", param=where, code="invalid_type")
+    role = message.get("role")
+    if role not in ("system", "user", "assistant"):
+        raise InputError(f"{where}.role must be one of system, user, assistant (got {role!r})",
+                         param=f"{where}.role", code="invalid_value")
+    if message.get("tool_calls"):
+        raise InputError(f"{where}.tool_calls: tools are not supported by this server", param=f"{where}.tool_calls",
+                         code="unsupported_parameter")
+    content = message.get("content")
+    if content is not None and not isinstance(content, str):
+        raise InputError(f"{where}.content must be a string", param=f"{where}.content", code="invalid_type")
+    images = ollama_images(message.get("images"), cfg, f"{where}.images")
+    if images and role != "user":
+        raise InputError(f"{where}.images: images go in user messages", param=f"{where}.images",
+                         code="invalid_value")
+    return Message(role, content or "", images)
+
+
+def ollama_chat_request(body: Mapping, cfg: Config) -> GenerationRequest | None:
+    """/api/chat body -> GenerationRequest, or None for Ollama's load-only call (no messages)."""
+    ollama_model_field(body)
+    sampling = ollama_sampling(body, cfg)
+    messages = body.get("messages")
+    if messages is None or messages == []:
+        return None
+    if not isinstance(messages, list):
+        raise InputError("'messages' must be a list", param="messages", code="invalid_type")
+    parsed = [ollama_message(i, m, cfg) for i, m in enumerate(messages)]
+    if not any(m.role == "user" for m in parsed):
+        raise InputError("'messages' needs at least one user message", param="messages", code="invalid_value")
+    return ollama_with_format(body, with_system_prompt(parsed, cfg), sampling)
+
+
+def ollama_generate_request(body: Mapping, cfg: Config) -> GenerationRequest | None:
+    """/api/generate body -> GenerationRequest (`system` + `prompt` + `images`), or None for the
+    load-only call (no prompt)."""
+    ollama_model_field(body)
+    sampling = ollama_sampling(body, cfg)
+    prompt = field_str(body, "prompt") or ""
+    images = ollama_images(body.get("images"), cfg, "images")
+    if not prompt.strip() and not images:
+        return None
+    system = field_str(body, "system")
+    messages = ([Message("system", system)] if system else []) + [Message("user", prompt, images)]
+    return ollama_with_format(body, with_system_prompt(messages, cfg), sampling)
+
+
+def ollama_with_format(body: Mapping, messages: list[Message], sampling: dict) -> GenerationRequest:
+    """Ollama's structured output: `format` "json" (any JSON object) or a JSON schema."""
+    value = body.get("format")
+    if value in (None, ""):
+        constraint = None
+    elif value == "json":
+        constraint = json_constraint({"type": "object"}, "format", (("response_format", {"type": "json_object"}),))
+    elif isinstance(value, dict):
+        constraint = json_constraint(schema_field(value, "format"), "format", (("response_format", {
+            "type": "json_schema", "json_schema": {"name": "format", "schema": value}}),))
+    else:
+        raise InputError("'format' must be \"json\" or a JSON schema object", param="format", code="invalid_value")
+    return GenerationRequest(messages=with_constraint_instructions(messages, constraint), constraint=constraint,
+                             **sampling)
+
+
 # -- from a request to model tensors ----------------------------------------------------
 
 
 @dataclass
 class ModelInputs:
+    """One request as the model's front takes it: `tensors` (input_ids plus, with images, what the
+    processor made of them), `prompt_tokens` as the decoder will see them, `has_images`."""
+
     tensors: dict[str, Any]
     prompt_tokens: int
+    has_images: bool = False
 
 
 def to_model(tensors: dict[str, Any], m: LoadedModel) -> dict[str, Any]:
     """On the model's device; floating tensors (pixel values, also inside HCX's nested lists) in
-    the vision dtype."""
+    the vision dtype; ids, sizes and masks keep their integer dtype."""
     return cast_floats(dict(tensors), m.vision_dtype, m.device)
+
+
+def text_only_inputs(m: LoadedModel, ids: torch.Tensor) -> ModelInputs:
+    return ModelInputs(to_model({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, m), int(ids.shape[1]))
 
 
 def build_generic_inputs(m: LoadedModel, req: GenerationRequest) -> ModelInputs:
@@ -1170,19 +1834,26 @@ def build_generic_inputs(m: LoadedModel, req: GenerationRequest) -> ModelInputs:
     batch = m.processor(text=text, return_tensors="pt", **kwargs)
     batch.pop("token_type_ids", None)
     tensors = to_model(dict(batch), m)
-    return ModelInputs(tensors, int(tensors["input_ids"].shape[1]))
+    return ModelInputs(tensors, int(tensors["input_ids"].shape[1]), bool(images))
 
 
-def build_hcx_inputs(m: LoadedModel, req: GenerationRequest) -> ModelInputs:
-    """The model card's flow: one content dict per message (text, then its images, as bytes --
-    never a client string, which the remote preprocessor would open as a path or URL)."""
+def build_text_inputs(m: LoadedModel, req: GenerationRequest) -> ModelInputs:
+    """A causal LM without vision: the tokenizer's chat template; images are the client's mistake."""
+    if req.image_count:
+        raise InputError(f"this model ({m.name}) is text-only and takes no images", code="images_not_supported",
+                         param="messages")
+    chat = [{"role": msg.role, "content": msg.text} for msg in req.messages]
+    ids = m.tokenizer.apply_chat_template(chat, return_tensors="pt", tokenize=True, add_generation_prompt=True)
+    return text_only_inputs(m, ids)
+
+
+def build_hcx_v1_inputs(m: LoadedModel, req: GenerationRequest) -> ModelInputs:
+    """The first revision's flow (model card): one content dict per message (text, then its images
+    as bytes -- never a client string, which the remote preprocessor would open as a path or URL)."""
     if not req.image_count:
         chat = [{"role": msg.role, "content": msg.text} for msg in req.messages]
-        ids = m.tokenizer.apply_chat_template(chat, return_tensors="pt", tokenize=True, add_generation_prompt=True)
-        return ModelInputs(to_model({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, m), int(ids.shape[1]))
-    if not hasattr(m.processor, "load_images_videos"):
-        raise GenerationError("this HCX revision's processor has no load_images_videos(); set MODEL_REVISION "
-                              f"to the revision this server follows ({HCX_REVISION})")
+        return text_only_inputs(m, m.tokenizer.apply_chat_template(chat, return_tensors="pt", tokenize=True,
+                                                                   add_generation_prompt=True))
     chat, count = [], 0
     for msg in req.messages:
         chat.append({"role": msg.role, "content": {"type": "text", "text": msg.text}})
@@ -1194,9 +1865,63 @@ def build_hcx_inputs(m: LoadedModel, req: GenerationRequest) -> ModelInputs:
     pre = dict(m.processor(images, is_video_list=is_video_list))
     ids = m.tokenizer.apply_chat_template(new_chat, return_tensors="pt", tokenize=True, add_generation_prompt=True)
     # one <|dummy3|> per image in the ids; the model expands each into vision_query_lengths embeddings
-    vision_tokens = sum(sum(lengths) for lengths in pre.get("vision_query_lengths", []))
-    prompt_tokens = int(ids.shape[1]) - count + int(vision_tokens)
-    return ModelInputs(to_model({"input_ids": ids, **pre}, m), prompt_tokens)
+    vision_tokens = sum(int(n) for n in flat_ints(pre.get("vision_query_lengths", [])))
+    prompt_tokens = int(ids.shape[1]) - count + vision_tokens
+    return ModelInputs(to_model({"input_ids": ids, **pre}, m), prompt_tokens, True)
+
+
+def build_hcx_v2_inputs(m: LoadedModel, req: GenerationRequest) -> ModelInputs:
+    """The later revision (HCXProcessor): OpenAI-style content lists, the chat template (the
+    processor's, else the tokenizer's), processor(text=..., images=[[img, ...]]); the image
+    placeholders are then made one per vision token, whichever way the processor left them."""
+    chat = [{"role": msg.role, "content": [{"type": "image"} for _ in msg.images] +
+             [{"type": "text", "text": msg.text}]} for msg in req.messages]
+    images = [img for msg in req.messages for img in msg.images]
+    text = render_chat(m, chat)
+    if not images:
+        return text_only_inputs(m, m.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"])
+    out = dict(m.processor(text=[text], images=[images], return_tensors="pt"))
+    lengths = [int(n) for n in flat_ints(out.get("vision_query_lengths_images", []))]
+    if len(lengths) != len(images):
+        raise GenerationError(f"the HCX processor returned vision_query_lengths_images for {len(lengths)} images, "
+                              f"{len(images)} were sent")
+    ids = out["input_ids"] if isinstance(out["input_ids"], torch.Tensor) else torch.tensor(out["input_ids"])
+    ids = expand_image_placeholders(ids.reshape(1, -1), m.image_token_id, lengths)
+    out.update(input_ids=ids, attention_mask=torch.ones_like(ids))
+    return ModelInputs(to_model(out, m), int(ids.shape[1]), True)
+
+
+def render_chat(m: LoadedModel, chat: list[dict]) -> str:
+    """The prompt text from the processor's chat template, else the tokenizer's."""
+    owner = m.processor if getattr(m.processor, "chat_template", None) else m.tokenizer
+    return owner.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+
+
+def flat_ints(value) -> list:
+    """[[81, 162]] / [tensor([81, 162])] / tensor([[81]]) -> [81, 162]: the processors' nestings."""
+    if isinstance(value, torch.Tensor):
+        return value.reshape(-1).tolist()
+    if isinstance(value, (list, tuple)):
+        return [x for item in value for x in flat_ints(item)]
+    return [value]
+
+
+def expand_image_placeholders(ids: torch.Tensor, token_id: int | None, lengths: list[int]) -> torch.Tensor:
+    """Ids with one placeholder per vision token: as they are when the processor expanded them,
+    else each single placeholder repeated lengths[i] times; any other count is a clear error."""
+    where = (ids[0] == token_id).nonzero().flatten().tolist() if token_id is not None else []
+    if len(where) == sum(lengths):
+        return ids
+    if len(where) != len(lengths):
+        raise GenerationError(f"the prompt holds {len(where)} image placeholder tokens (id {token_id}) for "
+                              f"{len(lengths)} images of {sum(lengths)} vision tokens; the model's processor and "
+                              "chat template disagree with this server's reading of them")
+    pieces, start = [], 0
+    for at, n in zip(where, lengths):
+        pieces += [ids[0, start:at], ids.new_full((n,), token_id)]
+        start = at + 1
+    pieces.append(ids[0, start:])
+    return torch.cat(pieces).unsqueeze(0)
 
 
 def png_bytes(img: Image.Image) -> bytes:
@@ -1205,11 +1930,15 @@ def png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+INPUT_BUILDERS = {"hcx-v1": build_hcx_v1_inputs, "hcx-v2": build_hcx_v2_inputs, "generic": build_generic_inputs,
+                  "text": build_text_inputs}
+
+
 def build_inputs(m: LoadedModel, req: GenerationRequest) -> ModelInputs:
     """Tensors for one request; image/processor failures are the client's (400), with the reason."""
     try:
-        return (build_hcx_inputs if m.kind == "hcx" else build_generic_inputs)(m, req)
-    except InputError:
+        return INPUT_BUILDERS[m.interface](m, req)
+    except (InputError, GenerationError):
         raise
     except (ValueError, TypeError) as exc:
         raise InputError("the model's processor rejected the input", code="invalid_input",
@@ -1263,13 +1992,319 @@ class Job:
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
+    ended: str | None = None  # why our decode loop stopped: stop, length, cancelled, grammar
 
     def cancel(self) -> None:
         self.cancelled.set()
 
 
+# -- the decode loop (gpt-fast's shape): front -> prefill -> decode_one_token -> sample ---------
+# Our code owns decoding for every model: the model's multimodal front only builds the prompt
+# embeddings; the causal LM inside it (HCX's language_model, or a generic model itself) then
+# runs prefill and one decode step per token on a KV cache we own, and sampling, stop ids,
+# min_tokens, max_tokens and cancel are all checked here, every step. `hf` (model.generate)
+# stays as a reference and as the fallback for a model this loop cannot drive.
+
+# Generic models whose decoder needs more than plain causal attention over 1-d positions
+# (3-d rotary positions, bidirectional image spans, cross-attention, prefix-LM): model.generate.
+LOOP_UNSUPPORTED_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "gemma3",
+                          "gemma3n", "paligemma", "mllama", "idefics", "idefics2", "llama4", "kosmos-2", "florence2")
+
+
+class LoopUnsupported(RuntimeError):
+    """This model's front or decoder cannot be driven by our loop (model.generate takes over)."""
+
+
+class _FrontDone(Exception):
+    """Raised by the pre-hook once the decoder is handed its prompt embeddings: stops the forward."""
+
+
+def find_decoder(m: LoadedModel) -> tuple[Any, Any]:
+    """(the causal LM we decode on, the decoder body the multimodal front hands its embeddings to)."""
+    decoder = getattr(m.model, "language_model", None) if m.kind == "hcx" else m.model
+    if decoder is None:
+        raise LoopUnsupported("the HCX model has no language_model")
+    body = decoder.get_decoder() if hasattr(decoder, "get_decoder") else getattr(decoder, "model", None)
+    return decoder, body
+
+
+def loop_unsupported(m: LoadedModel) -> str | None:
+    """Why our loop cannot drive this model, or None when it can."""
+    try:
+        decoder, body = find_decoder(m)
+    except LoopUnsupported as exc:
+        return str(exc)
+    model_type = getattr(m.model.config, "model_type", "")
+    if m.kind == "generic" and model_type in LOOP_UNSUPPORTED_TYPES:
+        return f"model_type {model_type!r} needs positions or attention masks beyond a plain causal decoder"
+    params = inspect.signature(decoder.forward).parameters
+    missing = [name for name in ("past_key_values", "cache_position", "inputs_embeds") if name not in params]
+    if missing:
+        return f"its decoder's forward() takes no {', '.join(missing)}"
+    if m.kind != "text" and not isinstance(body, torch.nn.Module):
+        return "no decoder body to take the prompt embeddings from"
+    m.decoder, m.body = decoder, body
+    return None
+
+
+def front_embeds(m: LoadedModel, tensors: dict[str, Any]) -> torch.Tensor:
+    """Prompt embeddings from the model's own multimodal front (HCX v1 and v2, LLaVA and friends):
+    run its forward with a pre-hook on the decoder body that takes the inputs_embeds it is handed
+    and stops before any decoder work -- whatever the revision's code does to merge image features."""
+    captured: dict[str, Any] = {}
+
+    def grab(_module, args, kwargs):
+        captured["embeds"] = kwargs.get("inputs_embeds")
+        raise _FrontDone
+
+    handle = m.body.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        m.model(**tensors, use_cache=False)
+    except _FrontDone:
+        pass
+    finally:
+        handle.remove()
+    embeds = captured.get("embeds")
+    if not isinstance(embeds, torch.Tensor):
+        raise LoopUnsupported("the model's forward did not hand its decoder any prompt embeddings")
+    return embeds
+
+
+def forward_decoder(m: LoadedModel, cache, start: int, **inputs) -> torch.Tensor:
+    """One decoder call over new positions [start, start + n): the logits of the last one."""
+    n = next(iter(inputs.values())).shape[1]
+    positions = torch.arange(start, start + n, device=m.device)
+    out = m.decoder(**inputs, past_key_values=cache, cache_position=positions, use_cache=True,
+                    **({"logits_to_keep": 1} if m.keep_last_logits else {}))
+    return out.logits[:, -1]
+
+
+def prefill(m: LoadedModel, inputs: ModelInputs, cache) -> tuple[torch.Tensor, int]:
+    """The prompt (its embeddings when it holds images, else its ids) into the cache: first logits
+    and the prompt's length as the decoder saw it."""
+    if inputs.has_images:
+        embeds = front_embeds(m, inputs.tensors)
+        return forward_decoder(m, cache, 0, inputs_embeds=embeds), int(embeds.shape[1])
+    ids = inputs.tensors["input_ids"]
+    return forward_decoder(m, cache, 0, input_ids=ids), int(ids.shape[1])
+
+
+def decode_one_token(m: LoadedModel, cache, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """One step: the last token (a (1, 1) id tensor) at `position` (a (1,) tensor) -> next logits.
+    Tensors in, tensor out, no Python branching on values: the shape CUDA graphs can capture."""
+    out = m.decoder(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True,
+                    **({"logits_to_keep": 1} if m.keep_last_logits else {}))
+    return out.logits[:, -1]
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """Greedy at temperature 0; else softmax(logits / T) cut to the smallest top-p nucleus, drawn
+    with the request's own generator (so no other request moves it)."""
+    if temperature <= 0:
+        return int(torch.argmax(logits, dim=-1).reshape(-1)[0])
+    probs = torch.softmax(logits.reshape(-1).float() / temperature, dim=-1)
+    if top_p < 1.0:
+        probs, order = probs.sort(descending=True)
+        probs = probs * ((probs.cumsum(-1) - probs) < top_p)  # the most likely token is always kept
+        return int(order[torch.multinomial(probs, 1, generator=generator)])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def request_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    """A generator of the request's own: its seed makes the answer reproducible; without one, fresh
+    entropy (an earlier seeded request never makes this one predictable)."""
+    import secrets
+
+    gen = torch.Generator(device=device)
+    gen.manual_seed((seed if seed is not None else secrets.randbits(63)) % (2**64))
+    return gen
+
+
+class Guide:
+    """A request's grammar (llguidance's matcher): masks the logits before each sample, then takes
+    the sampled token; a token the grammar refuses is a fault, never silently kept."""
+
+    def __init__(self, m: LoadedModel, constraint: Constraint):
+        from llguidance import LLMatcher
+
+        tokenizer = grammar_tokenizer(m)
+        self.matcher = LLMatcher(tokenizer, constraint.grammar)
+        if self.matcher.is_error():
+            raise GenerationError(f"the answer's grammar failed: {self.matcher.get_error()}")
+        self.vocab = tokenizer.vocab_size
+        self.bitmask = torch.full(((self.vocab + 31) // 32,), -1, dtype=torch.int32)
+        self.shifts = torch.arange(32, dtype=torch.int32)
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        self.matcher.unsafe_compute_mask_ptr(self.bitmask.data_ptr(), self.bitmask.numel() * 4)
+        allowed = ((self.bitmask.unsqueeze(-1) >> self.shifts) & 1).reshape(-1)[:self.vocab].bool()
+        width = logits.shape[-1]
+        if width > self.vocab:  # logits past the tokenizer's vocabulary are never allowed
+            allowed = torch.cat([allowed, allowed.new_zeros(width - self.vocab)])
+        return logits.masked_fill(~allowed[:width].to(logits.device), float("-inf"))
+
+    def advance(self, token_id: int) -> bool:
+        """Take the sampled token; True once the grammar is complete (nothing may follow)."""
+        if not self.matcher.consume_token(token_id):
+            raise GenerationError(f"the answer's grammar refused token {token_id}: {self.matcher.get_error()}")
+        return self.matcher.is_stopped()
+
+
+_grammar_lock = threading.Lock()
+
+
+def grammar_tokenizer(m: LoadedModel):
+    """llguidance's view of the vocabulary (built once per model, ~1 s for 110 k tokens): the
+    decoder's full logit width, the stop ids as end-of-sequence."""
+    with _grammar_lock:
+        if m.grammar_tokenizer is None:
+            import llguidance.hf
+
+            width = m.decoder.get_output_embeddings().weight.shape[0] if m.decoder is not None else len(m.tokenizer)
+            try:
+                m.grammar_tokenizer = llguidance.hf.from_tokenizer(m.tokenizer, n_vocab=max(width, len(m.tokenizer)),
+                                                                   eos_token=list(m.stop_token_ids))
+            except ValueError as exc:
+                raise InputError(f"structured output needs a fast (Rust) tokenizer: {exc}",
+                                 code="structured_output_unsupported") from None
+        return m.grammar_tokenizer
+
+
+def check_constraint(m: LoadedModel, c: Constraint) -> None:
+    """Before queueing: a grammar llguidance cannot compile for this vocabulary is the client's 400."""
+    from llguidance import LLMatcher
+
+    if m.generation_backend == "hf":
+        raise InputError("structured output (response_format / tools / json_schema) needs the server's own decode "
+                         "loop; this model runs on model.generate (GENERATION_BACKEND=hf)",
+                         code="structured_output_unsupported")
+    error = LLMatcher.validate_grammar(c.grammar, grammar_tokenizer(m))
+    if error:
+        what = "JSON schema" if c.kind == "json" else "tool definitions"
+        raise InputError(f"the {what} cannot be compiled into a grammar: {' '.join(error.split())[:400]}",
+                         code="invalid_schema", param="response_format" if c.kind == "json" else "tools")
+
+
+def generate_tokens(m: LoadedModel, inputs: ModelInputs, req: GenerationRequest, max_new_tokens: int,
+                    cancelled: threading.Event | None = None) -> Iterator[int]:
+    """Token ids as they are sampled, ending after a stop id, max_new_tokens, cancel (checked before
+    every step) or a finished grammar; returns why it ended ("stop", "length", "cancelled",
+    "grammar"). Stop ids are masked until min_tokens are out; a grammar masks every step."""
+    gen = request_generator(req.seed, m.device)
+    stops = set(m.stop_token_ids)
+    blocked = torch.tensor(sorted(stops), dtype=torch.long, device=m.device) if stops else None
+    guide = Guide(m, req.constraint) if req.constraint is not None else None
+    with torch.inference_mode():
+        cache, step = new_cache(m, inputs.prompt_tokens + max_new_tokens)
+        logits, length = prefill(m, inputs, cache)
+        if length != inputs.prompt_tokens:
+            log.warning("the prompt took %d decoder positions, %d were counted for the context check", length,
+                        inputs.prompt_tokens)
+        token = torch.empty((1, 1), dtype=torch.long, device=m.device)
+        position = torch.empty((1,), dtype=torch.long, device=m.device)
+        for n in range(max_new_tokens):
+            if cancelled is not None and cancelled.is_set():
+                return "cancelled"
+            if guide is not None:
+                logits = guide.mask(logits)  # the grammar decides where the answer may end
+            elif n < req.min_new_tokens and blocked is not None:
+                logits = logits.index_fill(-1, blocked, float("-inf"))
+            next_id = sample(logits, req.temperature, req.top_p, gen)
+            yield next_id
+            if next_id in stops:
+                return "stop"
+            if guide is not None and guide.advance(next_id):
+                return "grammar"
+            if n + 1 == max_new_tokens:
+                return "length"
+            token.fill_(next_id)
+            position.fill_(length + n)
+            logits = step(m, cache, token, position)
+    return "length"
+
+
+def run_generation(m: LoadedModel, job: Job) -> int:
+    """One job on the model: its tokens go to job.events as they come; returns how many."""
+    if m.generation_backend == "hf":
+        return run_hf(m, job)
+    count = 0
+    tokens = generate_tokens(m, job.inputs, job.request, job.max_new_tokens, job.cancelled)
+    try:
+        while True:
+            try:
+                token_id = next(tokens)
+            except StopIteration as end:
+                job.ended = end.value
+                break
+            job.events.put(("token", token_id))
+            count += 1
+    except LoopUnsupported as exc:
+        if count:
+            raise GenerationError(f"generation failed: {exc}") from None
+        log.warning("our decode loop cannot drive this model (%s): switching to GENERATION_BACKEND=hf "
+                    "(model.generate)", exc)
+        m.generation_backend = "hf"
+        return run_hf(m, job)
+    return count
+
+
+# -- KV caches: dynamic per request, or the static one made at load (and its compiled step) ---
+# "static": a StaticCache of STATIC_CACHE_TOKENS allocated once at load and reset per request;
+# on CUDA its fixed shapes let decode_one_token be compiled with CUDA graphs (torch.compile
+# mode="reduce-overhead", the gpt-fast recipe), warmed up at load so no request waits for it.
+# Requests longer than the cache run the same loop uncompiled on a DynamicCache (logged). On a
+# CPU the static cache runs uncompiled (torch.compile measured no faster there; it costs 60-90 s).
+STATIC_CACHE_TOKENS = 2048
+
+
+@dataclass
+class StaticDecode:
+    cache: Any
+    tokens: int
+    step: Callable[..., torch.Tensor]
+    compiled: bool
+
+
+def new_cache(m: LoadedModel, total_tokens: int) -> tuple[Any, Callable[..., torch.Tensor]]:
+    """The static cache (reset) and its step when the request fits, else a fresh DynamicCache."""
+    from transformers import DynamicCache
+
+    static = m.static
+    if static is not None:
+        if total_tokens <= static.tokens:
+            static.cache.reset()
+            return static.cache, static.step
+        log.info("request of up to %d tokens exceeds the %d-token static cache: decoding uncompiled on a dynamic "
+                 "cache", total_tokens, static.tokens)
+    return DynamicCache(), decode_one_token
+
+
+def static_cache_tokens(m: LoadedModel) -> int:
+    return min(STATIC_CACHE_TOKENS, m.context_length)
+
+
+def prepare_static(m: LoadedModel) -> StaticDecode:
+    """Allocate the static cache once; on CUDA compile decode_one_token with CUDA graphs and warm
+    both up with a short greedy run (compiles and records the graph: ~40 s once)."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=m.decoder.config, max_cache_len=static_cache_tokens(m))
+    step, compiled = decode_one_token, False
+    if m.device.type == "cuda":
+        step, compiled = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True), True
+    m.static = StaticDecode(cache, static_cache_tokens(m), step, compiled)
+    warm = GenerationRequest(messages=[], max_new_tokens=4, temperature=0.0)
+    ids = torch.tensor([[m.pad_token_id]], device=m.device)
+    for _ in range(3 if compiled else 1):  # cudagraph trees record on the second/third call
+        list(generate_tokens(m, ModelInputs({"input_ids": ids}, 1), warm, 4))
+    return m.static
+
+
+# -- hf: model.generate, the reference and the fallback -----------------------------------
+
+
 def sampling_kwargs(req: GenerationRequest, max_new_tokens: int) -> dict[str, Any]:
-    """The model card's defaults (temperature 0.5, top_p 0.6); temperature 0 means greedy."""
+    """The same sampling for model.generate (temperature 0 means greedy)."""
     kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "min_new_tokens": min(req.min_new_tokens, max_new_tokens),
                               "repetition_penalty": 1.0}
     if req.temperature > 0:
@@ -1279,9 +2314,9 @@ def sampling_kwargs(req: GenerationRequest, max_new_tokens: int) -> dict[str, An
     return kwargs
 
 
-def run_generation(m: LoadedModel, job: Job) -> int:
-    """model.generate with a streamer that forwards ids and a criterion that honours cancel;
-    returns how many tokens it generated."""
+def run_hf(m: LoadedModel, job: Job) -> int:
+    """model.generate with a streamer that forwards ids and a criterion that honours cancel; for a
+    model our loop cannot drive (whether remote code passes these on is its own business)."""
     from transformers import StoppingCriteria, StoppingCriteriaList
     from transformers.generation.streamers import BaseStreamer
 
@@ -1313,8 +2348,7 @@ def run_generation(m: LoadedModel, job: Job) -> int:
     with torch.inference_mode():
         out = m.model.generate(**job.inputs.tensors, **sampling_kwargs(job.request, job.max_new_tokens),
                                eos_token_id=list(m.stop_token_ids), pad_token_id=m.pad_token_id,
-                               streamer=streamer, stopping_criteria=StoppingCriteriaList([StopWhenCancelled()]),
-                               **static_cache_kwargs(m, job.inputs.prompt_tokens + job.max_new_tokens))
+                               streamer=streamer, stopping_criteria=StoppingCriteriaList([StopWhenCancelled()]))
     if streamer.forwarded:
         return streamer.forwarded
     answer = new_token_ids(out, job.inputs.tensors["input_ids"][0])  # remote code that drops the streamer
@@ -1332,16 +2366,68 @@ def new_token_ids(out, prompt_ids: torch.Tensor) -> list[int]:
     return sequence.tolist()
 
 
-# -- generation backends -----------------------------------------------------------------
-# "eager" runs model.generate as transformers ships it. "gemv" runs the very same generate()
-# call (streamer, cancel criterion, min_new_tokens, stop ids, the HCX remote code) and swaps
-# only the kernels under the linear layers (nn.Linear -> GemvLinear, same parameters, no copy).
-# Decode is one matrix-vector product per weight matrix per token, so it is bound by memory
-# bandwidth; torch's own CPU products read the weights at only half to two thirds of it, our
-# one-row kernels (kernels/*.cpp) at ~90 % (`hcx-cli bench --kernels`, BENCHMARKS.md).
+def compare_with_hf(m: LoadedModel, req: GenerationRequest) -> tuple[bool, str]:
+    """Greedy tokens of our loop vs model.generate on one request (selfcheck and bench)."""
+    if m.generation_backend == "hf":
+        return True, "skipped: this model runs on model.generate (GENERATION_BACKEND=hf)"
+    inputs = build_inputs(m, req)
+    n = fit_to_context(m, req, inputs.prompt_tokens)
+    ours = list(generate_tokens(m, inputs, req, n))
+    job = Job(req, inputs, n)
+    run_hf(m, job)
+    return near_tie(m, inputs, ours, drain_tokens(job))
+
+
+def near_tie(m: LoadedModel, inputs: ModelInputs, ref: list[int], got: list[int]) -> tuple[bool, str]:
+    """Two greedy answers agree when identical, or when they first differ at a near-tie: under our
+    logits after the shared prefix, the two picks are within 2 % of the logit scale (bf16 rounding
+    or another kernel's summation order can flip such ties; a real bug does not)."""
+    step = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), min(len(ref), len(got)))
+    if ref == got:
+        return True, f"{len(ref)} greedy tokens identical"
+    if step >= min(len(ref), len(got)):
+        return False, f"identical for {step} tokens, then one side stopped ({len(ref)} vs {len(got)} tokens)"
+    logits = teacher_forced_logits(m, inputs, ref[:step])[-1]
+    margin, scale = float(logits[ref[step]] - logits[got[step]]), float(logits.abs().max())
+    near = abs(margin) <= 0.02 * scale
+    return near, (f"identical for {step} of {len(ref)} tokens, then {'a near-tie' if near else 'NOT a near-tie'} "
+                  f"(logit margin {margin:.4f} at scale {scale:.2f})")
+
+
+def teacher_forced_logits(m: LoadedModel, inputs: ModelInputs, ids: list[int]) -> torch.Tensor:
+    """Our logits (fp32, on the CPU) after the prompt and after each of `ids` fed in turn:
+    (len(ids) + 1, vocab)."""
+    rows = []
+    with torch.inference_mode():
+        cache, _ = new_cache(m, inputs.prompt_tokens + len(ids) + 1)
+        logits, length = prefill(m, inputs, cache)
+        rows.append(logits.reshape(-1).float().cpu())
+        for i, token_id in enumerate(ids):
+            logits = decode_one_token(m, cache, torch.tensor([[token_id]], device=m.device),
+                                      torch.tensor([length + i], device=m.device))
+            rows.append(logits.reshape(-1).float().cpu())
+    return torch.stack(rows)
+
+
+def drain_tokens(job: Job) -> list[int]:
+    """The token ids a finished job left in its events queue."""
+    ids = []
+    while not job.events.empty():
+        kind, value = job.events.get_nowait()
+        if kind == "token":
+            ids.append(value)
+    return ids
+
+
+# -- generation backends: our CPU kernels ---------------------------------------------------
+# "gemv" runs the same decode loop as "eager" and swaps only the kernels under the linear layers
+# (nn.Linear -> GemvLinear / Int8Linear, same parameters, no copy). Decode is one matrix-vector
+# product per weight matrix per token, so it is bound by memory bandwidth; torch's own CPU
+# products read the weights at only a third to two thirds of it, our one-row kernels
+# (kernels/*.cpp) at ~85-90 % (`hcx-cli bench --kernels`, BENCHMARKS.md).
 # Prefill and the vision tower (many rows) run torch's matmul: in bf16 where the CPU has bf16
 # instructions (oneDNN), else widened to fp32 chunk by chunk (MKL), because torch's emulated
-# bf16 GEMM is ~4x and its bf16 convolution ~50x slower than fp32 there.
+# bf16 GEMM is ~3-4x and its bf16 convolution ~50x slower than fp32 there.
 
 KERNEL_LIBRARY = "hcx_server_kernels"
 KERNEL_CFLAGS = ["-O3", "-fopenmp", "-w"]  # -w: GCC 12's own intrinsics headers warn about themselves
@@ -1362,17 +2448,11 @@ class KernelUnavailable(RuntimeError):
 
 
 def kernel_sources() -> Path:
-    """kernels/ beside server.py (a checkout or an editable install), else the copy that
-    `pip install .` puts in the package hcx_server_kernels."""
-    beside = Path(__file__).resolve().parent / "kernels"
-    if (beside / "ops.cpp").is_file():
-        return beside
-    from importlib.resources import files
-
+    """kernels/ beside server.py, or the package hcx_server_kernels that `pip install .` made."""
     try:
-        return Path(str(files(KERNEL_LIBRARY)))
-    except (ModuleNotFoundError, TypeError):
-        raise KernelUnavailable("the kernel sources (kernels/*.cpp) are not installed") from None
+        return project_folder("kernels", "ops.cpp")
+    except FileNotFoundError as exc:
+        raise KernelUnavailable(str(exc)) from None
 
 
 @contextlib.contextmanager
@@ -1665,68 +2745,38 @@ def prepare_cpu_kernels(cfg: Config, m: LoadedModel, report: Callable) -> str:
     return "gemv" if ours else "eager"
 
 
-# "static" (CUDA): transformers' static KV cache, whose fixed shapes let generate() compile the
-# decode step with torch.compile + CUDA graphs (the gpt-fast recipe): 2.6-3.4x eager decode on an
-# H100, where eager decode is bound by Python and kernel launches, not by memory. The cache is
-# made once at its full size (STATIC_CACHE_TOKENS) and compiled at load, so requests of any
-# length up to it reuse one graph; longer ones run eager. On this CPU it measured no faster.
-STATIC_CACHE_TOKENS = 2048
-
-
-def static_unsupported(m: LoadedModel) -> str | None:
-    if m.device.type != "cuda":
-        return (f"the static-cache backend (torch.compile + CUDA graphs) is for CUDA GPUs, the model is on "
-                f"{m.device.type} (where it measured no faster than eager)")
-    if m.kind == "hcx":
-        return "the HCX remote code's own generate() has not been checked under torch.compile"
-    return None
-
-
-def static_cache_tokens(m: LoadedModel) -> int:
-    return min(STATIC_CACHE_TOKENS, m.context_length)
-
-
-def static_cache_kwargs(m: LoadedModel, total_tokens: int) -> dict[str, Any]:
-    """The compiled static-cache path for requests that fit the cache made at load; eager otherwise."""
-    if m.generation_backend == "static" and total_tokens <= static_cache_tokens(m):
-        return {"cache_implementation": "static"}
-    return {}
-
-
-def warm_up_static(m: LoadedModel) -> None:
-    """One short greedy generation that sizes the cache to STATIC_CACHE_TOKENS (max_length) and
-    compiles + records the decode step (~40 s once), so no request waits for it."""
-    ids = torch.tensor([[m.pad_token_id]], device=m.device)
-    with torch.inference_mode():
-        m.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_length=static_cache_tokens(m),
-                         min_new_tokens=4, max_new_tokens=None, do_sample=False, temperature=None, top_p=None,
-                         top_k=None, pad_token_id=m.pad_token_id, cache_implementation="static",
-                         stopping_criteria=[lambda input_ids, scores, **kw: input_ids.shape[1] >= 5])
-
-
 def prepare_generation_backend(cfg: Config, m: LoadedModel) -> str:
-    """Once at load: the backend that applies ("static" on CUDA, "gemv" on CPUs with AVX2 or
-    AVX-512 and bf16 or int8 weights), else "eager"; never fails, and logs why it falls back."""
+    """Once at load: `hf` when asked or when our loop cannot drive the model; else `static` on CUDA
+    (static cache + CUDA graphs), `gemv` on CPUs with AVX2 or AVX-512 running bf16 or int8 weights
+    (our kernels), else `eager` (the same loop, torch's kernels, nothing compiled). Never fails;
+    every fallback is logged with its reason."""
     want = cfg.generation_backend
     report = log.info if want == "auto" else log.warning
+    if m.weights == "int8":  # until our kernels take them: torch's int8 product, many rows widened
+        use_cpu_kernels(m.model, "torch")
+    if want == "hf":
+        return "hf"
+    reason = loop_unsupported(m)
+    if reason is not None:
+        log.warning("our decode loop cannot drive this model (%s): using model.generate (GENERATION_BACKEND=hf)",
+                    reason)
+        return "hf"
+    m.keep_last_logits = "logits_to_keep" in inspect.signature(m.decoder.forward).parameters
     if want == "eager":
-        if m.weights == "int8":  # int8 layers have no torch twin: torch's int8 product, many rows widened
-            use_cpu_kernels(m.model, "torch")
         return "eager"
     if want == "static" or (want == "auto" and m.device.type == "cuda"):
-        reason = static_unsupported(m)
-        if reason is None:
-            started = time.perf_counter()
-            try:
-                warm_up_static(m)
-            except Exception as exc:  # noqa: BLE001 - any compile failure means: run eager
-                reason = f"compiling the decode step failed ({type(exc).__name__}: {exc})"
-            else:
-                log.info("GENERATION_BACKEND=%s: static KV cache of %d tokens, decode step compiled in %.0f s",
-                         want, static_cache_tokens(m), time.perf_counter() - started)
-                return "static"
-        report("GENERATION_BACKEND=%s: %s; using eager generation", want, reason)
-        return "eager"
+        started = time.perf_counter()
+        try:
+            static = prepare_static(m)
+        except Exception as exc:  # noqa: BLE001 - any compile failure means: run eager
+            m.static = None
+            report("GENERATION_BACKEND=%s: the static cache / compiled decode step failed (%s: %s); using eager",
+                   want, type(exc).__name__, exc)
+            return "eager"
+        log.info("GENERATION_BACKEND=%s: static KV cache of %d tokens%s, ready in %.0f s", want, static.tokens,
+                 ", decode step compiled with CUDA graphs" if static.compiled else " (uncompiled on CPU)",
+                 time.perf_counter() - started)
+        return "static"
     if m.device.type != "cpu":
         report("GENERATION_BACKEND=%s: our kernels are for CPUs and the model is on %s; using eager generation",
                want, m.device.type)
@@ -1827,6 +2877,8 @@ class Engine:
         if req.image_count > self.cfg.max_images:
             raise InputError(f"{req.image_count} images sent; at most MAX_IMAGES={self.cfg.max_images} "
                              "per request", code="too_many_images", param="messages")
+        if req.constraint is not None:
+            check_constraint(m, req.constraint)
         inputs = build_inputs(m, req)
         job = Job(req, inputs, fit_to_context(m, req, inputs.prompt_tokens))
         try:
@@ -1919,19 +2971,22 @@ class TextStream:
     def _events(self) -> Iterator[tuple[str, Any]]:
         """Engine events; the client check runs on a clock, also while tokens keep arriving."""
         next_poll = time.monotonic() + self.POLL_S
+        events = self.job.events
         while True:
+            batch: list = []
             try:
-                event = self.job.events.get(timeout=self.POLL_S)
+                batch.append(events.get(timeout=self.POLL_S))
+                while True:  # whatever else is there: one wake-up per batch, not per token
+                    batch.append(events.get_nowait())
             except queue.Empty:
-                event = None
+                pass
             now = time.monotonic()
             if now >= next_poll:
                 next_poll = now + self.POLL_S
                 if not self.job.cancelled.is_set() and self.client_gone():
                     log.info("client disconnected: cancelling generation")
                     self.job.cancel()
-            if event is not None:
-                yield event
+            yield from batch
 
     def __iter__(self) -> Iterator[str]:
         job, m = self.job, self.m
@@ -1959,7 +3014,7 @@ class TextStream:
             tail = "" if stops.hit else stops.feed(detok.flush()) + ("" if stops.hit else stops.flush())
             if tail:
                 yield tail
-            if stopped_on_token or stops.hit:
+            if stopped_on_token or stops.hit or job.ended == "grammar":
                 finish = "stop"
             elif job.cancelled.is_set():
                 finish = "cancelled"
@@ -1992,7 +3047,7 @@ def generate(engine: Engine, req: GenerationRequest, client_gone: Callable[[], b
 
 
 # ======================================================================================
-# 5. HTTP routes (seed REST, OpenAI-compatible, MCP) -- no torch below this line
+# 5. HTTP routes (seed REST, OpenAI, Ollama, MCP) -- no torch below this line
 # ======================================================================================
 
 # -- request helpers ---------------------------------------------------------------------
@@ -2103,11 +3158,14 @@ def jsonrpc_error(msg_id, code: int, message: str, data=None) -> dict:
 
 def error_response(status: int, message: str, detail: str | None = None, param: str | None = None,
                    code: str | None = None, retry_after: int | None = None) -> Response:
-    """The error in the shape the caller's API speaks: seed {error, detail}, OpenAI, or JSON-RPC."""
+    """The error in the shape the caller's API speaks: seed {error, detail}, OpenAI, Ollama
+    {error}, or JSON-RPC."""
     if request.path.startswith("/v1/"):
         body = openai_error(status, message, param, code)
+    elif request.path.startswith("/api/"):
+        body = {"error": message}
     elif request.path.rstrip("/") == "/mcp":
-        body = jsonrpc_error(None, -32000 if status != 404 else -32001, message)
+        body = jsonrpc_error(posted_request_id(), -32000 if status != 404 else -32001, message)
     else:
         body = {"error": message, "detail": detail or message}
     response = jsonify(body)
@@ -2117,6 +3175,16 @@ def error_response(status: int, message: str, detail: str | None = None, param: 
     if status == 401:
         response.headers["WWW-Authenticate"] = 'Bearer realm="hcx-server"'
     return response
+
+
+def posted_request_id() -> str | int | None:
+    """The JSON-RPC id of a POSTed MCP body that fits the size limit (errors echo it), else None."""
+    if request.method != "POST" or (request.content_length or 0) > (request.max_content_length or 0):
+        return None
+    try:
+        return readable_id(parse_json(request.get_data(cache=True)))
+    except (ValueError, UnicodeDecodeError, RecursionError, HTTPException):
+        return None
 
 
 def register_errors(app: Flask) -> None:
@@ -2140,7 +3208,12 @@ def register_errors(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
-        return error_response(exc.code or 500, exc.name, exc.description, code=exc.name.lower().replace(" ", "_"))
+        message = exc.name
+        family = next((f for f in ("/v1/", "/api/") if request.path.startswith(f)), None)
+        if exc.code == 404 and family:
+            message = (f"{request.method} {request.path} is not an endpoint of this server; it serves "
+                       f"{', '.join(endpoints_under(app, family))}")
+        return error_response(exc.code or 500, message, exc.description, code=exc.name.lower().replace(" ", "_"))
 
     @app.errorhandler(Exception)
     def server_fault(exc: Exception):
@@ -2148,7 +3221,17 @@ def register_errors(app: Flask) -> None:
         return error_response(500, "internal server error", f"{type(exc).__name__}: {exc}", code="internal_error")
 
 
-# -- OpenAI-compatible responses -------------------------------------------------------------
+def endpoints_under(app: Flask, prefix: str) -> list[str]:
+    """'METHOD /path' for every route under `prefix`, read from the app itself (never stale)."""
+    found = []
+    for rule in sorted(app.url_map.iter_rules(), key=lambda r: r.rule):
+        if rule.rule.startswith(prefix):
+            path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)
+            found += [f"{method} {path}" for method in sorted(rule.methods - {"HEAD", "OPTIONS"})]
+    return found
+
+
+# -- OpenAI chat completions: the answer and its chunk stream -------------------------------------
 
 FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "stop", "error": "stop"}
 
@@ -2158,54 +3241,368 @@ def usage(c: Completion) -> dict:
             "total_tokens": c.prompt_tokens + c.completion_tokens}
 
 
-def chat_completion(c: Completion, completion_id: str, created: int, model: str) -> dict:
+INCOMPLETE_JSON = "max_tokens was reached before the structured answer (JSON) was complete"
+TOOL_CALL_TEXT = re.compile(re.escape(TOOL_CALL_OPEN) + r'\{"name": "(?P<name>[A-Za-z0-9_.-]+)", "arguments": '
+                            r"(?P<arguments>.*)\}" + re.escape(TOOL_CALL_CLOSE), re.DOTALL)
+
+
+def tool_call_of(text: str) -> dict | None:
+    """An answer that is a <tool_call> (the grammar's fixed layout) as an OpenAI tool call, else None."""
+    match = TOOL_CALL_TEXT.fullmatch(text)
+    if match is None:
+        return None
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": match["name"], "arguments": match["arguments"]}}
+
+
+def chat_completion(c: Completion, completion_id: str, created: int, model: str,
+                    constraint: Constraint | None = None) -> dict:
+    message: dict[str, Any] = {"role": "assistant", "content": c.text}
+    choice: dict[str, Any] = {"index": 0, "message": message, "logprobs": None,
+                              "finish_reason": FINISH_REASONS[c.finish_reason]}
+    call = tool_call_of(c.text) if constraint is not None and constraint.kind == "tool" else None
+    if call is not None:
+        message.update(content=None, tool_calls=[call])
+        choice["finish_reason"] = "tool_calls"
+    elif constraint is not None and c.finish_reason == "length":
+        choice["incomplete"] = INCOMPLETE_JSON  # beside finish_reason "length": the JSON does not parse
     return {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
-                         "logprobs": None, "finish_reason": FINISH_REASONS[c.finish_reason]}],
-            "usage": usage(c), "system_fingerprint": None}
+            "choices": [choice], "usage": usage(c), "system_fingerprint": None}
 
 
 def sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def chat_completion_chunks(pieces: TextStream, completion_id: str, created: int, model: str,
-                           include_usage: bool, access: dict | None) -> Iterator[str]:
-    """SSE: role first, content deltas as tokens arrive, finish_reason, usage if asked, [DONE]."""
+def chat_deltas(pieces: Iterator[str], tools: bool) -> Iterator[dict]:
+    """Content deltas; for a tool request, an answer that is a <tool_call> becomes tool_calls deltas
+    instead: the call's id and name once its prefix is out, then its arguments as they come."""
+    if not tools:
+        for piece in pieces:
+            yield {"content": piece}
+        return
+    held, head, emitted = "", None, 0
+    tail = len("}" + TOOL_CALL_CLOSE)
+    for piece in pieces:
+        held += piece
+        if head is None:
+            if not TOOL_CALL_OPEN.startswith(held[:len(TOOL_CALL_OPEN)]):
+                yield {"content": held}  # a text answer (auto): passed through as it comes
+                held, head = "", False
+                continue
+            match = re.match(re.escape(TOOL_CALL_OPEN) + r'\{"name": "([A-Za-z0-9_.-]+)", "arguments": ', held)
+            if match is None:
+                continue
+            head = match.end()
+            yield {"tool_calls": [{"index": 0, "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                                   "function": {"name": match[1], "arguments": ""}}]}
+            emitted = head
+        elif head is False:
+            yield {"content": held}
+            held = ""
+            continue
+        if head and len(held) - tail > emitted:  # arguments so far, holding back what may be the closing
+            yield {"tool_calls": [{"index": 0, "function": {"arguments": held[emitted:len(held) - tail]}}]}
+            emitted = len(held) - tail
+    if head is None and held:
+        yield {"content": held}
+    elif head:
+        rest = held[emitted:]
+        rest = rest[:-tail] if rest.endswith("}" + TOOL_CALL_CLOSE) else rest
+        if rest:
+            yield {"tool_calls": [{"index": 0, "function": {"arguments": rest}}]}
+
+
+def chat_completion_chunks(pieces: TextStream, completion_id: str, created: int, model: str, include_usage: bool,
+                           access: dict | None, constraint: Constraint | None = None) -> Iterator[str]:
+    """SSE: role first, content (or tool_calls) deltas as tokens arrive, finish_reason, usage if asked, [DONE]."""
 
     def chunk(delta: dict, finish: str | None = None, **extra) -> str:
-        choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+        choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish, **extra}]
         return sse({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": choices, **({"usage": None} if include_usage else {}), **extra})
+                    "choices": choices, **({"usage": None} if include_usage else {})})
 
+    called = False
     try:
         yield chunk({"role": "assistant", "content": ""})
-        for piece in pieces:
-            yield chunk({"content": piece})
+        for delta in chat_deltas(pieces, constraint is not None and constraint.kind == "tool"):
+            called = called or "tool_calls" in delta
+            yield chunk(delta)
     except GenerationError as exc:
         yield sse(openai_error(500, str(exc), code="generation_failed"))
         return
     finally:
         record_completion(access, pieces.completion)
     c = pieces.completion
-    yield chunk({}, FINISH_REASONS[c.finish_reason])
+    finish = FINISH_REASONS[c.finish_reason]
+    incomplete = constraint is not None and finish == "length"
+    yield chunk({}, "tool_calls" if called and not incomplete else finish,
+                **({"incomplete": INCOMPLETE_JSON} if incomplete else {}))
     if include_usage:
         yield sse({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
                    "choices": [], "usage": usage(c)})
     yield sse("[DONE]")
 
 
-# -- MCP: JSON-RPC 2.0 handler shared by POST /mcp and stdio (hcx-cli mcp) --------------------
+# -- OpenAI Responses API: the response object and its event stream ------------------------------
 
-MCP_PROTOCOL_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
+RESPONSE_STATUS = {"stop": "completed", "cancelled": "completed", "length": "incomplete", "error": "failed"}
+
+
+def response_usage(c: Completion) -> dict:
+    return {"input_tokens": c.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": c.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": c.prompt_tokens + c.completion_tokens}
+
+
+def response_echo(body: Mapping, req: GenerationRequest, model: str) -> dict:
+    """The request's fields a response object repeats, fixed when the request is read."""
+    metadata = body.get("metadata")
+    return {"id": f"resp_{uuid.uuid4().hex}", "created_at": int(time.time()), "model": model,
+            "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
+            "temperature": req.temperature, "top_p": req.top_p,
+            "metadata": metadata if isinstance(metadata, dict) else {}}
+
+
+def response_body(echo: dict, status: str, output: list, c: Completion | None = None,
+                  error: dict | None = None) -> dict:
+    return {"id": echo["id"], "object": "response", "created_at": echo["created_at"], "status": status,
+            "error": error, "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            "instructions": echo["instructions"], "max_output_tokens": echo["max_output_tokens"],
+            "model": echo["model"], "output": output, "parallel_tool_calls": False, "previous_response_id": None,
+            "reasoning": {"effort": None, "summary": None}, "store": False, "temperature": echo["temperature"],
+            "text": {"format": {"type": "text"}}, "tool_choice": "none", "tools": [], "top_p": echo["top_p"],
+            "truncation": "disabled", "usage": response_usage(c) if c is not None else None, "user": None,
+            "metadata": echo["metadata"]}
+
+
+def output_text_part(text: str) -> dict:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def output_message(item_id: str, status: str, text: str | None = None) -> dict:
+    """The assistant message item; no content part yet while it is being announced."""
+    return {"type": "message", "id": item_id, "status": status, "role": "assistant",
+            "content": [] if text is None else [output_text_part(text)]}
+
+
+class AnswerTexts:
+    """The text of the last answers /v1/responses gave, by output item id: clients refer back to
+    an earlier assistant turn with an item_reference (the Vercel AI SDK does by default). Bounded,
+    in memory; nothing else of a response is kept."""
+
+    MAX_ITEMS = 4096
+
+    def __init__(self):
+        self.texts: dict[str, str] = {}
+        self.lock = threading.Lock()
+
+    def remember(self, item_id: str, text: str) -> None:
+        with self.lock:
+            while len(self.texts) >= self.MAX_ITEMS:
+                self.texts.pop(next(iter(self.texts)))
+            self.texts[item_id] = text
+
+    def recall(self, item_id) -> str | None:
+        with self.lock:
+            return self.texts.get(item_id) if isinstance(item_id, str) else None
+
+
+def response_events(pieces: TextStream, echo: dict, access: dict | None,
+                    remember: Callable[[str, str], None]) -> Iterator[str]:
+    """SSE as OpenAI sends it: created, in_progress, the item and its text part announced, text
+    deltas as tokens arrive, the done events, then response.completed (or .incomplete at the token
+    limit); a failure mid-answer is response.failed."""
+    sequence = iter(range(1 << 62))
+    item_id = f"msg_{uuid.uuid4().hex}"
+    at = {"item_id": item_id, "output_index": 0, "content_index": 0}
+
+    def event(kind: str, **fields) -> str:
+        payload = json.dumps({"type": kind, "sequence_number": next(sequence), **fields}, ensure_ascii=False)
+        return f"event: {kind}\ndata: {payload}\n\n"
+
+    yield event("response.created", response=response_body(echo, "in_progress", []))
+    yield event("response.in_progress", response=response_body(echo, "in_progress", []))
+    yield event("response.output_item.added", output_index=0, item=output_message(item_id, "in_progress"))
+    yield event("response.content_part.added", **at, part=output_text_part(""))
+    text = []
+    try:
+        for piece in pieces:
+            text.append(piece)
+            yield event("response.output_text.delta", **at, delta=piece, logprobs=[])
+    except GenerationError as exc:
+        failure = {"code": "server_error", "message": str(exc)}
+        yield event("response.failed", response=response_body(echo, "failed", [], pieces.completion, failure))
+        return
+    finally:
+        record_completion(access, pieces.completion)
+    c, full = pieces.completion, "".join(text)
+    status = RESPONSE_STATUS[c.finish_reason]
+    item = output_message(item_id, "completed" if status == "completed" else "incomplete", full)
+    remember(item_id, full)
+    yield event("response.output_text.done", **at, text=full, logprobs=[])
+    yield event("response.content_part.done", **at, part=output_text_part(full))
+    yield event("response.output_item.done", output_index=0, item=item)
+    yield event(f"response.{status}", response=response_body(echo, status, [item], c))
+
+
+# -- Ollama API: model listing, answers and the NDJSON stream --------------------------------------
+
+OLLAMA_API_VERSION = "0.12.6"  # the Ollama release whose API this subset follows (tools gate features on it)
+OLLAMA_DONE_REASONS = {"stop": "stop", "length": "length", "cancelled": "stop", "error": "stop"}
+
+
+def ollama_time(seconds: float | None = None) -> str:
+    from datetime import datetime, timezone
+
+    stamp = datetime.fromtimestamp(time.time() if seconds is None else seconds, timezone.utc)
+    return stamp.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+@functools.lru_cache(maxsize=4)
+def weights_facts(folder: str) -> dict:
+    """What Ollama lists about a model, read from its files (never from torch): config.json's
+    model type, the weights' bytes and (from safetensors headers) parameter count, the mtime."""
+    path = Path(folder)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    weights = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin")] if path.is_dir() else []
+    params = 0
+    for file in (p for p in weights if p.suffix == ".safetensors"):
+        try:
+            with open(file, "rb") as f:
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            params += sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
+        except (OSError, ValueError, KeyError, TypeError):
+            params = 0
+            break
+    size = sum(p.stat().st_size for p in weights)
+    mtime = (path / "config.json").stat().st_mtime if (path / "config.json").exists() else time.time()
+    return {"family": str(config.get("model_type") or "unknown"), "size": size, "params": params, "mtime": mtime,
+            "digest": hashlib.sha256(f"{path.resolve()}:{size}:{mtime}".encode()).hexdigest()}
+
+
+def ollama_name(cfg: Config) -> str:
+    return f"{cfg.served_model_name}:latest"
+
+
+def ollama_details(m: LoadedModel) -> dict:
+    facts = weights_facts(m.path)
+    params = facts["params"]
+    size = f"{params / 1e9:.1f}B" if params >= 1e8 else f"{params / 1e6:.1f}M" if params else ""
+    dtype = str(m.dtype).replace("torch.", "")
+    return {"parent_model": "", "format": "safetensors", "family": facts["family"], "families": [facts["family"]],
+            "parameter_size": size, "quantization_level": {"bfloat16": "BF16", "float16": "F16"}.get(dtype, "F32")}
+
+
+def ollama_model_entry(cfg: Config, m: LoadedModel) -> dict:
+    facts = weights_facts(m.path)
+    return {"name": ollama_name(cfg), "model": ollama_name(cfg), "modified_at": ollama_time(facts["mtime"]),
+            "size": facts["size"], "digest": facts["digest"], "details": ollama_details(m)}
+
+
+def ollama_show(cfg: Config, m: LoadedModel) -> dict:
+    facts = weights_facts(m.path)
+    family = facts["family"]
+    return {"license": "", "modelfile": "", "parameters": "", "template": "", "details": ollama_details(m),
+            "model_info": {"general.architecture": family, "general.parameter_count": facts["params"],
+                           f"{family}.context_length": m.context_length},
+            "capabilities": ["completion", "vision"], "modified_at": ollama_time(facts["mtime"])}
+
+
+def ollama_stats(c: Completion) -> dict:
+    """Ollama's counters and durations (nanoseconds); the model is already loaded, so no load time."""
+    def ns(seconds: float) -> int:
+        return int(seconds * 1e9)
+
+    return {"done_reason": OLLAMA_DONE_REASONS[c.finish_reason], "total_duration": ns(c.total_s), "load_duration": 0,
+            "prompt_eval_count": c.prompt_tokens, "prompt_eval_duration": ns(c.ttft_s),
+            "eval_count": c.completion_tokens, "eval_duration": ns(max(c.total_s - c.ttft_s, 0.0))}
+
+
+def ollama_text(chat: bool, text: str) -> dict:
+    """/api/chat answers carry a message, /api/generate a response string."""
+    return {"message": {"role": "assistant", "content": text}} if chat else {"response": text}
+
+
+def ollama_answer(model: str, chat: bool, c: Completion) -> dict:
+    return {"model": model, "created_at": ollama_time(), **ollama_text(chat, c.text), "done": True, **ollama_stats(c)}
+
+
+def ollama_loaded(model: str, chat: bool) -> dict:
+    """Ollama's answer to a call with nothing to generate: the model is (already) loaded."""
+    return {"model": model, "created_at": ollama_time(), **ollama_text(chat, ""), "done": True, "done_reason": "load"}
+
+
+def ollama_chunks(pieces: TextStream, model: str, chat: bool, access: dict | None) -> Iterator[str]:
+    """NDJSON: one object per text piece (done: false), then the counters (done: true); a failure
+    mid-answer is a last {"error": ...} line, as Ollama sends it."""
+    def line(obj: dict) -> str:
+        return json.dumps(obj, ensure_ascii=False) + "\n"
+
+    try:
+        for piece in pieces:
+            yield line({"model": model, "created_at": ollama_time(), **ollama_text(chat, piece), "done": False})
+    except GenerationError as exc:
+        yield line({"error": str(exc)})
+        return
+    finally:
+        record_completion(access, pieces.completion)
+    yield line({"model": model, "created_at": ollama_time(), **ollama_text(chat, ""), "done": True,
+                **ollama_stats(pieces.completion)})
+
+
+# -- MCP: JSON-RPC 2.0 handler shared by POST /mcp and stdio (hcx-cli mcp) --------------------
+# Two eras. Handshake era (2024-11-05 .. 2025-11-25): `initialize` agrees a version, HTTP keeps it
+# in a session (Mcp-Session-Id). Modern era (2026-07-28): no handshake and no sessions; every
+# request carries its version and the client's capabilities in params._meta (and, over HTTP, in
+# headers that must match the body); `server/discover` advertises what the server speaks. A
+# request carrying that _meta is served in the modern era, anything else in the handshake era.
+
+MCP_HANDSHAKE_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
+MCP_MODERN_VERSIONS = ("2026-07-28",)
+MCP_PROTOCOL_VERSIONS = MCP_HANDSHAKE_VERSIONS + MCP_MODERN_VERSIONS
 MCP_ASSUMED_VERSION = "2025-03-26"  # a request without MCP-Protocol-Version (Caret sends none)
+META_VERSION = "io.modelcontextprotocol/protocolVersion"
+META_CAPABILITIES = "io.modelcontextprotocol/clientCapabilities"
+META_SERVER_INFO = "io.modelcontextprotocol/serverInfo"
+HEADER_MISMATCH, UNSUPPORTED_VERSION = -32020, -32022  # the spec's codes (2026-07-28)
+# HTTP status of a modern-era JSON-RPC error (the spec's table); other errors, and every error of
+# the handshake era (Caret throws on any non-2xx), are HTTP 200.
+MODERN_ERROR_STATUS = {-32700: 400, -32600: 400, -32602: 400, HEADER_MISMATCH: 400, -32021: 400,
+                       UNSUPPORTED_VERSION: 400, -32601: 404}
+MCP_CACHE = {"cacheScope": "public", "ttlMs": 300_000}  # the tool list never changes while the server runs
 TOOL_NAME = "generate_hyperclovax_vision"
+SERVER_INFO = {"name": "hcx-server", "title": "HyperCLOVA X SEED Vision (local)", "version": __version__}
+MCP_INSTRUCTIONS = f"Call {TOOL_NAME} to ask the local vision-language model about an image."
 
 
 class McpError(Exception):
-    def __init__(self, code: int, message: str):
+    def __init__(self, code: int, message: str, data: Any = None):
         super().__init__(message)
-        self.code, self.message = code, message
+        self.code, self.message, self.data = code, message, data
+
+
+def unsupported_version(requested: str) -> McpError:
+    """-32022 with the versions to pick from (clients retry with one of them)."""
+    return McpError(UNSUPPORTED_VERSION, f"unsupported protocol version {requested!r}; this server speaks "
+                    f"{', '.join(MCP_PROTOCOL_VERSIONS)} ({', '.join(MCP_HANDSHAKE_VERSIONS)} through initialize)",
+                    {"supported": list(MCP_PROTOCOL_VERSIONS), "requested": requested})
+
+
+def modern_version(msg) -> Any:
+    """The protocol version a modern-era message carries in params._meta, or None (handshake era)."""
+    params = msg.get("params") if isinstance(msg, dict) else None
+    meta = params.get("_meta") if isinstance(params, dict) else None
+    return meta.get(META_VERSION) if isinstance(meta, dict) else None
+
+
+def readable_id(msg) -> str | int | None:
+    """The request id, when the message has a valid one (errors echo it)."""
+    msg_id = msg.get("id") if isinstance(msg, dict) else None
+    return msg_id if isinstance(msg_id, (str, int)) and not isinstance(msg_id, bool) else None
 
 
 def tool_definition(cfg: Config, stdio: bool) -> dict:
@@ -2218,6 +3615,8 @@ def tool_definition(cfg: Config, stdio: bool) -> dict:
         "temperature": {"type": "number", "minimum": 0, "maximum": 2, "description": "0 = greedy (default 0.5)."},
         "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "description": "Default 0.6."},
         "seed": {"type": "integer", "description": "Fix sampling for a reproducible answer."},
+        "json_schema": {"type": "object", "description": "Optional JSON schema: the answer is then JSON valid "
+                                                         "against it (constrained decoding)."},
     }
     if stdio:
         properties["image_path"] = {"type": "string", "description": "Optional image file on this machine."}
@@ -2236,8 +3635,8 @@ class McpServer:
     """The MCP protocol (tools only) over any transport: messages in, messages out.
 
     handle() yields progress notifications while a tool runs (when asked for) and then the
-    response; it yields nothing for notifications. Sessions are just ids with a protocol
-    version; in-flight tool calls are kept so notifications/cancelled can stop them.
+    response; it yields nothing for notifications. Handshake-era sessions are just ids with a
+    protocol version; in-flight tool calls are kept so notifications/cancelled can stop them.
     """
 
     MAX_SESSIONS = 1024
@@ -2248,7 +3647,7 @@ class McpServer:
         self.inflight: dict[tuple[str, str], TextStream] = {}
         self.lock = threading.Lock()
 
-    # -- sessions --
+    # -- sessions (handshake era) --
     def open_session(self, version: str) -> str:
         with self.lock:
             while len(self.sessions) >= self.MAX_SESSIONS:
@@ -2268,15 +3667,13 @@ class McpServer:
     def handle(self, msg, session: str = "", client_gone: Callable[[], bool] | None = None,
                progress: bool = False, access: dict | None = None) -> Iterator[dict]:
         if not isinstance(msg, dict) or msg.get("jsonrpc") != "2.0":
-            yield jsonrpc_error(msg.get("id") if isinstance(msg, dict) else None, -32600,
-                                "invalid request: expected a JSON-RPC 2.0 object")
+            yield jsonrpc_error(readable_id(msg), -32600, "invalid request: expected a JSON-RPC 2.0 object")
             return
         method, msg_id = msg.get("method"), msg.get("id")
         if method is None and ("result" in msg or "error" in msg):
             return  # a response to a server request; we send none, so nothing to do
-        if not isinstance(method, str) or ("id" in msg and (isinstance(msg_id, bool) or
-                                                           not isinstance(msg_id, (str, int)))):
-            yield jsonrpc_error(msg_id if isinstance(msg_id, (str, int)) else None, -32600,
+        if not isinstance(method, str) or ("id" in msg and readable_id(msg) is None):
+            yield jsonrpc_error(readable_id(msg), -32600,
                                 "invalid request: 'method' must be a string and 'id' a string or integer")
             return
         params = msg.get("params", {})
@@ -2286,26 +3683,62 @@ class McpServer:
         try:
             if not isinstance(params, dict):
                 raise McpError(-32602, "'params' must be an object")
+            version = self.request_version(params)
             if method == "tools/call":
-                yield from self.call_tool(msg_id, params, session, client_gone, progress, access)
+                for reply in self.call_tool(msg_id, params, session, client_gone, progress, access):
+                    yield self.stamped(reply, version)
                 return
-            yield {"jsonrpc": "2.0", "id": msg_id, "result": self.dispatch(method, params)}
+            yield self.stamped({"jsonrpc": "2.0", "id": msg_id, "result": self.dispatch(method, params, version)},
+                               version)
         except McpError as exc:
-            yield jsonrpc_error(msg_id, exc.code, exc.message)
+            yield jsonrpc_error(msg_id, exc.code, exc.message, exc.data)
 
-    def dispatch(self, method: str, params: dict) -> dict:
-        if method == "initialize":
-            asked = params.get("protocolVersion")
-            return {"protocolVersion": asked if asked in MCP_PROTOCOL_VERSIONS else MCP_PROTOCOL_VERSIONS[-1],
-                    "capabilities": {"tools": {"listChanged": False}},
-                    "serverInfo": {"name": "hcx-server", "title": "HyperCLOVA X SEED Vision (local)",
-                                   "version": __version__},
-                    "instructions": f"Call {TOOL_NAME} to ask the local vision-language model about an image."}
-        if method == "ping":
-            return {}
+    @staticmethod
+    def request_version(params: dict) -> str | None:
+        """The modern version this request speaks (its _meta checked as the spec requires), or None
+        for a handshake-era request."""
+        meta = params.get("_meta")
+        if not isinstance(meta, dict) or META_VERSION not in meta:
+            return None
+        version = meta[META_VERSION]
+        if not isinstance(version, str):
+            raise McpError(-32602, f"params._meta['{META_VERSION}'] must be a string")
+        if not isinstance(meta.get(META_CAPABILITIES), dict):
+            raise McpError(-32602, f"params._meta['{META_CAPABILITIES}'] (an object) is required on every "
+                                   f"{version} request")
+        if version not in MCP_MODERN_VERSIONS:
+            raise unsupported_version(version)
+        return version
+
+    @staticmethod
+    def stamped(reply: dict, version: str | None) -> dict:
+        """Modern-era results say their type and who answered (the server has no session to say it once)."""
+        if version is None or "result" not in reply:
+            return reply
+        result = reply["result"]
+        meta = {**result.get("_meta", {}), META_SERVER_INFO: SERVER_INFO}
+        return {**reply, "result": {**result, "resultType": "complete", "_meta": meta}}
+
+    def dispatch(self, method: str, params: dict, version: str | None) -> dict:
+        tools = {"tools": [tool_definition(self.engine.cfg, self.stdio)]}
+        if version is None:
+            if method == "initialize":
+                asked = params.get("protocolVersion")
+                return {"protocolVersion": asked if asked in MCP_HANDSHAKE_VERSIONS else MCP_HANDSHAKE_VERSIONS[-1],
+                        "capabilities": {"tools": {"listChanged": False}}, "serverInfo": SERVER_INFO,
+                        "instructions": MCP_INSTRUCTIONS}
+            if method == "ping":
+                return {}
+            if method == "tools/list":
+                return tools
+            raise McpError(-32601, f"method not found: {method}")
+        if method == "server/discover":
+            return {"supportedVersions": list(MCP_PROTOCOL_VERSIONS), "capabilities": {"tools": {"listChanged": False}},
+                    "instructions": MCP_INSTRUCTIONS, **MCP_CACHE}
         if method == "tools/list":
-            return {"tools": [tool_definition(self.engine.cfg, self.stdio)]}
-        raise McpError(-32601, f"method not found: {method}")
+            return {**tools, **MCP_CACHE}
+        raise McpError(-32601, f"method not found: {method} (protocol {version} here: server/discover, "
+                               "tools/list, tools/call)")
 
     def notification(self, method: str, params: dict, session: str) -> None:
         if method == "notifications/cancelled":
@@ -2358,27 +3791,55 @@ class McpServer:
         if pieces.completion.finish_reason == "cancelled":
             yield jsonrpc_error(msg_id, -32800, "request cancelled")
             return
-        yield {"jsonrpc": "2.0", "id": msg_id, "result": tool_result("".join(text))}
+        answer = "".join(text)
+        if pieces.job.request.constraint is None:
+            yield {"jsonrpc": "2.0", "id": msg_id, "result": tool_result(answer)}
+        elif pieces.completion.finish_reason == "length":
+            yield {"jsonrpc": "2.0", "id": msg_id, "result": tool_result(f"{INCOMPLETE_JSON}: {answer}", True)}
+        else:  # the JSON the schema asked for; an object is also the result's structured content
+            value = json.loads(answer)
+            structured = {"structuredContent": value} if isinstance(value, dict) else {}
+            yield {"jsonrpc": "2.0", "id": msg_id, "result": {**tool_result(answer), **structured}}
 
 
 def mcp_http(mcp: McpServer) -> Response:
-    """Streamable HTTP: one POSTed message (or a 2025-03-26 batch) -> JSON, SSE, or 202."""
+    """Streamable HTTP, both eras on one endpoint. A known Mcp-Session-Id fixes the handshake era
+    (its requests must not claim another era's version); MCP-Protocol-Version 2026-07-28 or a body
+    with modern _meta selects the modern era; anything else is the handshake era, a missing header
+    meaning 2025-03-26 (Caret sends none)."""
     version = request.headers.get("MCP-Protocol-Version")
-    if version is not None and version not in MCP_PROTOCOL_VERSIONS:
-        return mcp_json(jsonrpc_error(None, -32600, f"unsupported MCP-Protocol-Version {version!r}; supported: "
-                                                    f"{', '.join(MCP_PROTOCOL_VERSIONS)}"), 400)
     session = request.headers.get("Mcp-Session-Id")
-    if session is not None and not mcp.has_session(session):
-        return mcp_json(jsonrpc_error(None, -32001, "unknown or expired session; initialize again"), 404)
     try:
         message = parse_json(request.get_data(cache=True))
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         return mcp_json(jsonrpc_error(None, -32700, f"parse error: {exc}"), 400)
+    msg_id = readable_id(message)
+    if session is not None and mcp.has_session(session):
+        if version is not None and version not in MCP_HANDSHAKE_VERSIONS:
+            return mcp_json(jsonrpc_error(msg_id, -32600, (
+                f"unsupported MCP-Protocol-Version {version!r} in a session (negotiated "
+                f"{mcp.sessions.get(session, MCP_ASSUMED_VERSION)} by initialize); sessions speak "
+                f"{', '.join(MCP_HANDSHAKE_VERSIONS)}, and {', '.join(MCP_MODERN_VERSIONS)} requests carry no "
+                "Mcp-Session-Id")), 400)
+        return mcp_handshake_http(mcp, message, session)
+    if version in MCP_MODERN_VERSIONS or modern_version(message) is not None:
+        return mcp_modern_http(mcp, message, version)
+    if version is not None and version not in MCP_HANDSHAKE_VERSIONS:
+        error = unsupported_version(version)
+        return mcp_json(jsonrpc_error(msg_id, error.code, error.message, error.data), 400)
+    if session is not None:
+        return mcp_json(jsonrpc_error(msg_id, -32001, "unknown or expired session; initialize again"), 404)
+    return mcp_handshake_http(mcp, message, "")
+
+
+def mcp_handshake_http(mcp: McpServer, message, session: str) -> Response:
+    """Handshake era: one message (or a 2025-03-26 batch) -> JSON, SSE, or 202; initialize opens
+    a session; errors to well-formed requests are HTTP 200."""
     gone, access = client_gone_check(), g.get("access")
     if isinstance(message, list):
         if not message:
             return mcp_json(jsonrpc_error(None, -32600, "invalid request: empty batch"), 400)
-        replies = [reply for m in message for reply in mcp.handle(m, session or "", gone, access=access)]
+        replies = [reply for m in message for reply in mcp.handle(m, session, gone, access=access)]
         return mcp_json(replies, 200) if replies else Response(status=202)
     if isinstance(message, dict) and message.get("method") == "initialize" and "id" in message:
         reply = next(mcp.handle(message, "", gone))
@@ -2386,20 +3847,76 @@ def mcp_http(mcp: McpServer) -> Response:
         if "result" in reply:
             response.headers["Mcp-Session-Id"] = mcp.open_session(reply["result"]["protocolVersion"])
         return response
+    return mcp_answer(mcp, message, session,
+                      lambda reply: 400 if "error" in reply and reply["error"]["code"] in (-32600, -32700) else 200)
+
+
+def mcp_modern_http(mcp: McpServer, message, header_version: str | None) -> Response:
+    """Modern era (2026-07-28): one request per POST, no session, headers checked against the body,
+    errors with the spec's HTTP status. Client notifications are accepted and dropped: on HTTP a
+    client cancels by closing the response stream."""
+    msg_id = readable_id(message)
+    if not isinstance(message, dict):
+        return mcp_json(jsonrpc_error(None, -32600, f"a {MCP_MODERN_VERSIONS[-1]} POST carries one JSON-RPC "
+                                                    "message, not a batch"), 400)
+    if "id" not in message:
+        if isinstance(message.get("method"), str):
+            return Response(status=202)
+        return mcp_json(jsonrpc_error(None, -32600, "invalid request: clients send requests and notifications"), 400)
+    if modern_version(message) is None:
+        return mcp_json(jsonrpc_error(msg_id, -32602, f"params._meta must carry '{META_VERSION}' and "
+                                                      f"'{META_CAPABILITIES}' on {header_version} requests"), 400)
+    mismatch = header_mismatch(message, header_version)
+    if mismatch:
+        return mcp_json(jsonrpc_error(msg_id, HEADER_MISMATCH, f"header mismatch: {mismatch}"), 400)
+    return mcp_answer(mcp, message, "",
+                      lambda reply: MODERN_ERROR_STATUS.get(reply["error"]["code"], 200) if "error" in reply else 200)
+
+
+def mcp_answer(mcp: McpServer, message, session: str, status_of: Callable[[dict], int]) -> Response:
+    """One request's answer: SSE with progress when the client asked for it and accepts SSE,
+    else the response as JSON (202 for a notification)."""
     params = message.get("params") if isinstance(message, dict) else None
     meta = params.get("_meta") if isinstance(params, dict) else None
     wants_progress = ("text/event-stream" in request.headers.get("Accept", "") and isinstance(meta, dict)
                       and message.get("method") == "tools/call" and "progressToken" in meta)
-    replies = mcp.handle(message, session or "", gone, progress=wants_progress, access=access)
+    replies = mcp.handle(message, session, client_gone_check(), progress=wants_progress, access=g.get("access"))
     if wants_progress:
         events = (f"event: message\ndata: {json.dumps(r, ensure_ascii=False)}\n\n" for r in replies)
         return streaming_response(events, "text/event-stream")  # closing it closes call_tool: cancels
     replies = list(replies)
     if not replies:
         return Response(status=202)
-    reply = replies[-1]
-    status = 400 if "error" in reply and reply["error"]["code"] in (-32600, -32700) else 200
-    return mcp_json(reply, status)
+    return mcp_json(replies[-1], status_of(replies[-1]))
+
+
+def header_value(raw: str | None) -> str | None:
+    """A mirrored header value, decoding the spec's =?base64?...?= form (None if malformed)."""
+    if raw is None or not (raw.startswith("=?base64?") and raw.endswith("?=")):
+        return raw
+    try:
+        return base64.b64decode(raw[9:-2], validate=True).decode("utf-8")
+    except (binascii.Error, ValueError):
+        return None
+
+
+def header_mismatch(message: dict, header_version: str | None) -> str | None:
+    """Why the modern-era request headers disagree with the body, or None (the spec's Server Validation)."""
+    for name in ("MCP-Protocol-Version", "Mcp-Method", "Mcp-Name"):
+        if len(request.headers.getlist(name)) > 1:
+            return f"{name} appears more than once"
+    body_version, method = modern_version(message), message.get("method")
+    if header_version is None:
+        return f"the MCP-Protocol-Version header is required (the body says {body_version!r})"
+    if header_version != body_version:
+        return f"MCP-Protocol-Version header {header_version!r} does not match params._meta version {body_version!r}"
+    if request.headers.get("Mcp-Method") != method:
+        return f"Mcp-Method header {request.headers.get('Mcp-Method')!r} does not match the method {method!r}"
+    name_field = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}.get(method)
+    expected = message["params"].get(name_field) if name_field else None
+    if isinstance(expected, str) and header_value(request.headers.get("Mcp-Name")) != expected:
+        return f"Mcp-Name header does not match params.{name_field} {expected!r}"
+    return None
 
 
 def mcp_json(body, status: int) -> Response:
@@ -2411,24 +3928,49 @@ def mcp_json(body, status: int) -> Response:
 
 CORS_HEADERS = {
     "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
-    "Access-Control-Allow-Headers": "Authorization, Content-Type, Mcp-Session-Id, MCP-Protocol-Version, "
-                                    "Last-Event-ID, X-Request-Id",
-    "Access-Control-Expose-Headers": "Mcp-Session-Id, Retry-After, X-Request-Id",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type, Accept, Mcp-Session-Id, MCP-Protocol-Version, "
+                                    "Mcp-Method, Mcp-Name, Last-Event-ID, X-Request-Id",
+    "Access-Control-Expose-Headers": "Mcp-Session-Id, MCP-Protocol-Version, Retry-After, X-Request-Id, "
+                                     "WWW-Authenticate",
     "Access-Control-Max-Age": "600",
 }
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
+
+
+def preflight_allowed_headers(requested: str) -> str:
+    """Our own headers plus whatever an allowed page asks for (the openai JS SDK sends X-Stainless-*):
+    the Origin check, not a header list, is what keeps foreign pages out."""
+    names = CORS_HEADERS["Access-Control-Allow-Headers"].split(", ")
+    names += [h.strip() for h in requested.split(",") if HEADER_NAME.fullmatch(h.strip())]
+    unique: dict[str, str] = {}
+    for name in names:
+        unique.setdefault(name.lower(), name)
+    return ", ".join(unique.values())
 
 
 def origin_allowed(origin: str, allowed: tuple[str, ...]) -> bool:
+    """`*`, an exact origin, `scheme://host:*` (any port) or `scheme://*` (any host of a scheme, as
+    VS Code webviews' vscode-webview://<random id>)."""
     origin = origin.rstrip("/").lower()
     for entry in allowed:
         entry = entry.lower()
         if entry == "*" or entry == origin:
             return True
-        if entry.endswith(":*"):
+        if entry.endswith("://*"):
+            host = origin[len(entry) - 1:]
+            if origin.startswith(entry[:-1]) and host and "/" not in host:
+                return True
+        elif entry.endswith(":*"):
             base = entry[:-2]
             if origin == base or (origin.startswith(base + ":") and origin[len(base) + 1:].isdigit()):
                 return True
     return False
+
+
+def is_public_path(path: str) -> bool:
+    """Served without the API key: /health, and the playground's page and assets (not secret; the
+    page asks for the key when the API answers 401). The Origin check still applies."""
+    return path in ("/health", "/") or path.startswith("/static/")
 
 
 def register_security(app: Flask, engine: Engine) -> None:
@@ -2446,7 +3988,7 @@ def register_security(app: Flask, engine: Engine) -> None:
                                   code="origin_not_allowed")
         if request.method == "OPTIONS":
             return Response(status=204)
-        if cfg.api_key and request.path != "/health":
+        if cfg.api_key and not is_public_path(request.path):
             header = request.headers.get("Authorization", "")
             scheme, _, key = header.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), cfg.api_key.encode()):
@@ -2464,9 +4006,42 @@ def register_security(app: Flask, engine: Engine) -> None:
             response.headers.add("Vary", "Origin")
             if request.method == "OPTIONS":
                 response.headers.update(CORS_HEADERS)
+                response.headers["Access-Control-Allow-Headers"] = preflight_allowed_headers(
+                    request.headers.get("Access-Control-Request-Headers", ""))
+                response.headers.add("Vary", "Access-Control-Request-Headers")
             else:
                 response.headers["Access-Control-Expose-Headers"] = CORS_HEADERS["Access-Control-Expose-Headers"]
         return response
+
+
+# -- playground: the browser page at / (HTML, JS and CSS live in static/) ----------------------
+
+# The kinds of file in static/ (pyproject.toml's package-data installs the same).
+STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+                ".css": "text/css; charset=utf-8"}
+# Only the server's own scripts, styles and API; images the user attached (data:/blob:); no framing.
+PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+            "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+@functools.lru_cache(maxsize=1)
+def static_folder() -> Path:
+    return project_folder("static", "index.html")
+
+
+def static_response(name: str) -> Response:
+    """One file straight from the static folder (a plain name of a known type: no paths, no
+    dot files), with the page's CSP; anything else is a 404."""
+    suffix = Path(name).suffix
+    entry = None
+    if suffix in STATIC_TYPES and not name.startswith(".") and "/" not in name and "\\" not in name:
+        entry = static_folder() / name
+    if entry is None or not entry.is_file():
+        raise InputError(f"no such file: /static/{name}", status=404, code="not_found")
+    response = Response(entry.read_bytes(), content_type=STATIC_TYPES[suffix])
+    response.headers.update({"Content-Security-Policy": PAGE_CSP, "X-Content-Type-Options": "nosniff",
+                             "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"})
+    return response
 
 
 # -- routes -----------------------------------------------------------------------------------
@@ -2476,6 +4051,7 @@ def register_routes(app: Flask, engine: Engine) -> None:
     cfg = engine.cfg
     mcp = McpServer(engine)
     app.extensions["hcx_mcp"] = mcp
+    answers = AnswerTexts()
 
     @app.post("/tool/generate_hyperclovax_vision")
     def seed_generate():
@@ -2487,6 +4063,8 @@ def register_routes(app: Flask, engine: Engine) -> None:
             return text_stream_response(stream(engine, req, client_gone_check()))
         completion = generate(engine, req, client_gone_check())
         record_completion(g.get("access"), completion)
+        if req.constraint is not None and completion.finish_reason == "length":
+            return jsonify(result=completion.text, incomplete=INCOMPLETE_JSON)
         return jsonify(result=completion.text)
 
     @app.post("/tool/generate_hyperclovax_vision_stream")
@@ -2506,11 +4084,29 @@ def register_routes(app: Flask, engine: Engine) -> None:
         if streaming:
             pieces = stream(engine, req, client_gone_check())
             events = chat_completion_chunks(pieces, completion_id, created, cfg.served_model_name, include_usage,
-                                            g.get("access"))
+                                            g.get("access"), req.constraint)
             return streaming_response(events, "text/event-stream", pieces)
         completion = generate(engine, req, client_gone_check())
         record_completion(g.get("access"), completion)
-        return jsonify(chat_completion(completion, completion_id, created, cfg.served_model_name))
+        return jsonify(chat_completion(completion, completion_id, created, cfg.served_model_name, req.constraint))
+
+    @app.post("/v1/responses")
+    def responses():
+        body = read_json_body()
+        streaming = wants_stream(body, allow_query=False)
+        req = responses_request(body, cfg, answers.recall)
+        note_prompt(cfg, req)
+        echo = response_echo(body, req, cfg.served_model_name)
+        if streaming:
+            pieces = stream(engine, req, client_gone_check())
+            events = response_events(pieces, echo, g.get("access"), answers.remember)
+            return streaming_response(events, "text/event-stream", pieces)
+        completion = generate(engine, req, client_gone_check())
+        record_completion(g.get("access"), completion)
+        status, item_id = RESPONSE_STATUS[completion.finish_reason], f"msg_{uuid.uuid4().hex}"
+        answers.remember(item_id, completion.text)
+        item = output_message(item_id, "completed" if status == "completed" else "incomplete", completion.text)
+        return jsonify(response_body(echo, status, [item], completion))
 
     @app.get("/v1/models")
     def list_models():
@@ -2540,6 +4136,14 @@ def register_routes(app: Flask, engine: Engine) -> None:
     def metrics_text():
         return Response(app.extensions["hcx_metrics"].render(engine), mimetype="text/plain; version=0.0.4")
 
+    @app.get("/")
+    def playground():
+        return static_response("index.html")
+
+    @app.get("/static/<name>")
+    def playground_asset(name: str):
+        return static_response(name)
+
     @app.get("/health")
     def health():
         if engine.draining:
@@ -2550,14 +4154,73 @@ def register_routes(app: Flask, engine: Engine) -> None:
             return jsonify(status="error", error=engine.error), 503
         m = engine.model
         return jsonify(status="ok", model=m.name, device=str(m.device), dtype=str(m.dtype).replace("torch.", ""),
-                       kind=m.kind, backend=m.generation_backend, weights=m.weights, kernel=m.kernel, demo=m.demo,
-                       context_length=m.context_length,
-                       queue_depth=engine.queue_depth, max_queue=cfg.max_queue,
-                       **({"note": "DEMO MODE: tiny random-weight model, answers are gibberish"} if m.demo else {}))
+                       kind=m.kind, interface=m.interface, revision=m.revision, backend=m.generation_backend,
+                       weights=m.weights, kernel=m.kernel, demo=m.demo, context_length=m.context_length,
+                       queue_depth=engine.queue_depth, max_queue=cfg.max_queue, max_image_bytes=cfg.max_image_bytes,
+                       max_images=cfg.max_images, **({"note": m.note} if m.note else {}))
 
 
 def model_card(cfg: Config) -> dict:
     return {"id": cfg.served_model_name, "object": "model", "created": 0, "owned_by": "hcx-server"}
+
+
+def register_ollama_routes(app: Flask, engine: Engine) -> None:
+    """The Ollama API subset Ollama-speaking tools call, so a base-URL change points them here.
+    Generation ignores the model name (one model is served); /api/show answers for that one."""
+    cfg = engine.cfg
+
+    @app.get("/api/version")
+    def ollama_version():
+        return jsonify(version=OLLAMA_API_VERSION)
+
+    @app.get("/api/tags")
+    def ollama_tags():
+        return jsonify(models=[ollama_model_entry(cfg, engine.require_model())])
+
+    @app.get("/api/ps")
+    def ollama_ps():
+        m = engine.require_model()
+        entry = ollama_model_entry(cfg, m)
+        return jsonify(models=[{**entry, "expires_at": ollama_time(time.time() + 10 * 365 * 86400),
+                                "size_vram": entry["size"] if m.device.type != "cpu" else 0,
+                                "context_length": m.context_length}])
+
+    @app.post("/api/show")
+    def ollama_show_model():
+        body = read_json_body()
+        name = field_str(body, "model") or field_str(body, "name")
+        if not name:
+            raise InputError("'model' is required", param="model", code="missing_field")
+        if name not in (cfg.served_model_name, ollama_name(cfg)):
+            raise InputError(f"model '{name}' not found (this server has '{ollama_name(cfg)}')", status=404,
+                             param="model", code="model_not_found")
+        return jsonify(ollama_show(cfg, engine.require_model()))
+
+    def answer(body: dict, req: GenerationRequest | None, chat: bool) -> Response:
+        model = body["model"]
+        if req is None:
+            engine.require_model()
+            return jsonify(ollama_loaded(model, chat))
+        note_prompt(cfg, req)
+        if body.get("stream") is not False:  # Ollama streams unless told not to
+            pieces = stream(engine, req, client_gone_check())
+            return streaming_response(ollama_chunks(pieces, model, chat, g.get("access")), "application/x-ndjson",
+                                      pieces)
+        completion = generate(engine, req, client_gone_check())
+        record_completion(g.get("access"), completion)
+        return jsonify(ollama_answer(model, chat, completion))
+
+    @app.post("/api/chat")
+    def ollama_chat():
+        body = read_json_body()
+        wants_stream(body, allow_query=False)  # a non-boolean "stream" is a 400
+        return answer(body, ollama_chat_request(body, cfg), chat=True)
+
+    @app.post("/api/generate")
+    def ollama_generate():
+        body = read_json_body()
+        wants_stream(body, allow_query=False)
+        return answer(body, ollama_generate_request(body, cfg), chat=False)
 
 
 # -- observability: access log and Prometheus metrics -----------------------------------------
@@ -2699,7 +4362,7 @@ def create_app(cfg: Config | None = None, engine: Engine | None = None) -> Flask
     setup_logging()
     cfg = cfg or load_config()
     engine = engine or Engine(cfg).start()
-    app = Flask("hcx-server")
+    app = Flask("hcx-server", static_folder=None)  # static/ is served by the playground routes
     app.config["MAX_CONTENT_LENGTH"] = cfg.max_body_bytes
     app.json.ensure_ascii = False
     app.extensions["hcx_engine"] = engine
@@ -2708,6 +4371,7 @@ def create_app(cfg: Config | None = None, engine: Engine | None = None) -> Flask
     register_security(app, engine)
     register_errors(app)
     register_routes(app, engine)
+    register_ollama_routes(app, engine)
     return app
 
 

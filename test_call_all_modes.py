@@ -6,8 +6,9 @@ first and image part first) and the CLI (`hcx-cli describe --json`, in its own p
 Every call uses the same seed, temperature, top_p and max_tokens == min_tokens, so sampling is
 fixed and the answer has a fixed length.
 
-As a pytest file it runs against the session demo server (tiny random model; the CLI loads the
-same model folder). As a script it checks a live server:
+As a pytest file it runs against the session demo server (tiny random LLaVA) and servers on the
+tiny HCX models of both code revisions (v1; v2 both ways its processor may behave); the CLI loads
+the same model folder. As a script it checks a live server:
 
     python test_call_all_modes.py --url http://127.0.0.1:8000 [--model-path DIR] [pytest args]
 
@@ -38,7 +39,11 @@ from tests.fixtures import (  # noqa: F401  (pytest finds fixtures by name in th
     run_cli,
     server_url,
     stream_chunks,
+    tiny_model,
+    tiny_server,
 )
+
+MODELS = ["demo", "hcx", "hcx-v2", "hcx-v2-expanding"]
 
 PROMPT = "Describe this image in one sentence."
 MAX_TOKENS = int(os.environ.get("HCX_TEST_MAX_TOKENS", "24"))
@@ -140,36 +145,48 @@ MODES = {
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module", params=MODELS)
+def target(request, tmp_path_factory):
+    """(server URL, model folder or None): the live server once, else each tiny model's server."""
+    if live_url():
+        if request.param != "demo":
+            pytest.skip("a live server is checked once")
+        yield request.getfixturevalue("server_url"), None
+        return
+    with tiny_server(request.param, tmp_path_factory) as srv:
+        yield srv.url, tiny_model(request.param, tmp_path_factory)
+
+
 @pytest.fixture(scope="module")
-def reference(server_url) -> str:
+def reference(target) -> str:
     """The seed REST answer every other mode must repeat."""
-    text = rest(server_url)
+    text = rest(target[0])
     assert text, "the reference answer is empty"
     return text
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_mode_gives_the_same_text(server_url, reference, mode):
-    text = MODES[mode](server_url)
+def test_mode_gives_the_same_text(target, reference, mode):
+    text = MODES[mode](target[0])
     assert text == reference, f"{mode} answered {text!r}, the seed REST route {reference!r}"
 
 
-def test_rest_is_reproducible(server_url, reference):
-    assert rest(server_url) == reference
+def test_rest_is_reproducible(target, reference):
+    assert rest(target[0]) == reference
 
 
 @pytest.fixture(scope="module")
-def cli_model_path(request) -> str:
-    """The model the CLI loads: the demo folder locally, --model-path / HCX_TEST_MODEL_PATH live."""
+def cli_model_path(target) -> str:
+    """The model the CLI loads: the server's tiny model locally, --model-path / HCX_TEST_MODEL_PATH live."""
     given = os.environ.get("HCX_TEST_MODEL_PATH", "").strip()
     if given:
         return given
-    if live_url():
+    if target[1] is None:
         pytest.skip("the CLI loads a model itself: pass --model-path (HCX_TEST_MODEL_PATH) to compare it")
-    return str(request.getfixturevalue("demo_model_dir"))
+    return str(target[1])
 
 
-def test_cli_gives_the_same_text(server_url, reference, cli_model_path, tmp_path):
+def test_cli_gives_the_same_text(reference, cli_model_path, tmp_path):
     image = tmp_path / "img.png"
     image.write_bytes(IMAGE)
     args = ["--model-path", cli_model_path, "describe", str(image), "--prompt", PROMPT,

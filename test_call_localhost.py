@@ -33,6 +33,7 @@ from tests.fixtures import (  # noqa: F401  (fixtures are found by name in this 
     hcx_model_dir,
     hcx_server,
     hcx_server_url,
+    hcx_v2_server_url,
     image_bytes,
     local_only,
     make_server,

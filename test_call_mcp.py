@@ -8,9 +8,13 @@ tiny demo model, and `hcx-cli mcp` over stdio. As a script it checks a server yo
 (--url sets HCX_TEST_URL to the server's base URL; the stdio tests still start their own
 `hcx-cli mcp` on the demo model.)
 
-What the client does (see /work/shared/client-facts.md): `server/discover` first, then falls back
-to `initialize` (asks 2025-11-25), GET /mcp (405, harmless), requests with the session id,
-DELETE at close. Answers are random on the demo model, so only structure is asserted.
+What the client does (see /work/shared/client-facts.md), in its three modes:
+- "auto" (the default): `server/discover` at 2026-07-28 first; the server answers it, so the
+  client stays in the modern era (no session, version and capabilities on every request);
+- "legacy": `initialize` (asks 2025-11-25), GET /mcp (405, harmless), requests with the session
+  id, DELETE at close;
+- "2026-07-28": pinned to the modern era, no probe at all.
+Answers are random on the demo model, so only structure is asserted.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ from mcp import Client, MCPError, StdioServerParameters  # noqa: E402
 
 TOOL = "generate_hyperclovax_vision"
 SUPPORTED_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
+MODERN = "2026-07-28"
+NEGOTIATED = {"auto": MODERN, "legacy": "2025-11-25", MODERN: MODERN}  # Client(mode=...) -> protocol version
 TIMEOUT = min(REQUEST_TIMEOUT, 180.0)  # per test; generation here is at most a few dozen tokens
 
 
@@ -128,14 +134,19 @@ def png_b64() -> str:
     return b64(image_bytes("png"))
 
 
-def test_http_initialize_and_list_tools(mcp_url):
+@pytest.mark.parametrize("mode", list(NEGOTIATED))
+def test_http_initialize_and_list_tools(mcp_url, mode):
     async def body():
-        async with Client(mcp_url) as c:
-            assert c.protocol_version in SUPPORTED_VERSIONS, c.protocol_version
-            assert c.protocol_version == "2025-11-25", "the client asks 2025-11-25; the server must answer it back"
-            assert c.server_info is not None and c.server_info.name == "hcx-server"
-            assert c.server_capabilities.tools is not None
-            assert c.instructions and TOOL in c.instructions
+        async with Client(mcp_url, mode=mode) as c:
+            if mode == "legacy":
+                assert c.protocol_version in SUPPORTED_VERSIONS, c.protocol_version
+                assert c.protocol_version == "2025-11-25", "the client asks 2025-11-25; the server must answer it back"
+            else:
+                assert c.protocol_version == MODERN, "the server offers 2026-07-28 through server/discover"
+            if mode != MODERN:  # a pinned client probes nothing: it knows only what each answer says
+                assert c.server_info is not None and c.server_info.name == "hcx-server"
+                assert c.server_capabilities.tools is not None
+                assert c.instructions and TOOL in c.instructions
             listed = await c.list_tools()
             check_tool_schema(listed.tools, stdio=False)
 
@@ -155,13 +166,15 @@ def test_http_text_call_with_progress(mcp_url):
     progress.check(max_tokens=8)
 
 
+@pytest.mark.parametrize("mode", list(NEGOTIATED))
 @pytest.mark.parametrize("data_url", [False, True], ids=["plain_base64", "data_url"])
-def test_http_image_call(mcp_url, png_b64, data_url):
+def test_http_image_call(mcp_url, png_b64, data_url, mode):
     image = f"data:image/png;base64,{png_b64}" if data_url else png_b64
     progress = Progress()
 
     async def body():
-        async with Client(mcp_url) as c:
+        async with Client(mcp_url, mode=mode) as c:
+            assert c.protocol_version == NEGOTIATED[mode]
             result = await c.call_tool(TOOL, {"prompt": "Describe this image.", "image_base64": image,
                                               "max_tokens": 8, "min_tokens": 8, "seed": 1}, progress_callback=progress)
             assert_ok(result)
@@ -211,9 +224,10 @@ def test_http_bad_arguments_are_error_results(mcp_url, tmp_path):
     run(body)
 
 
-def test_http_unknown_tool_raises_invalid_params(mcp_url):
+@pytest.mark.parametrize("mode", list(NEGOTIATED))
+def test_http_unknown_tool_raises_invalid_params(mcp_url, mode):
     async def body():
-        async with Client(mcp_url) as c:
+        async with Client(mcp_url, mode=mode) as c:
             with pytest.raises(MCPError) as info:
                 await c.call_tool("no_such_tool", {"prompt": "x"})
             assert info.value.code == -32602, info.value
@@ -248,13 +262,18 @@ def stdio_params(demo_model_dir) -> StdioServerParameters:
                                  env=clean_env(), cwd=str(demo_model_dir.parent))
 
 
-def test_stdio_protocol_tools_text_and_errors(stdio_params):
+@pytest.mark.parametrize("mode", list(NEGOTIATED))
+def test_stdio_protocol_tools_text_and_errors(stdio_params, mode):
     progress = Progress()
 
     async def body():
-        async with Client(stdio_params) as c:
-            assert c.protocol_version == "2025-11-25", c.protocol_version
-            assert c.server_info is not None and c.server_info.name == "hcx-server"
+        async with Client(stdio_params, mode=mode) as c:
+            if mode == "legacy":
+                assert c.protocol_version == "2025-11-25", c.protocol_version
+            else:
+                assert c.protocol_version == MODERN, c.protocol_version
+            if mode != MODERN:
+                assert c.server_info is not None and c.server_info.name == "hcx-server"
             check_tool_schema((await c.list_tools()).tools, stdio=True)
             assert_ok(await c.call_tool(TOOL, {"prompt": "Say hello.", "max_tokens": 8, "min_tokens": 8, "seed": 1},
                                         progress_callback=progress))
@@ -293,23 +312,36 @@ def test_stdio_images(stdio_params, tmp_path):
     progress.check(max_tokens=8)
 
 
-def test_stdio_raw_lines_parse_error_and_cancel(stdio_params):
-    """What the client cannot show: a bad line gets -32700 and the server goes on; a
-    notifications/cancelled for an in-flight call stops it (-32800) and the next call works."""
-    proc = subprocess.Popen([stdio_params.command, *stdio_params.args], env=stdio_params.env, cwd=stdio_params.cwd,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    timer = threading.Timer(TIMEOUT, proc.kill)  # a hung server fails the test instead of hanging it
-    timer.start()
+class RawStdio:
+    """`hcx-cli mcp` driven line by line, for what the client cannot show; killed if it hangs."""
 
-    def send(message) -> None:
-        proc.stdin.write((message if isinstance(message, str) else json.dumps(message)).encode() + b"\n")
-        proc.stdin.flush()
+    def __init__(self, params: StdioServerParameters):
+        self.proc = subprocess.Popen([params.command, *params.args], env=params.env, cwd=params.cwd,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.timer = threading.Timer(TIMEOUT, self.proc.kill)  # a hung server fails the test instead of hanging it
+        self.timer.start()
 
-    def receive() -> dict:
-        line = proc.stdout.readline()
+    def send(self, message) -> None:
+        self.proc.stdin.write((message if isinstance(message, str) else json.dumps(message)).encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def receive(self) -> dict:
+        line = self.proc.stdout.readline()
         assert line, "hcx-cli mcp closed stdout"
         return json.loads(line)
 
+    def close(self) -> None:
+        self.timer.cancel()
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def test_stdio_raw_lines_parse_error_and_cancel(stdio_params):
+    """What the client cannot show: a bad line gets -32700 and the server goes on; a
+    notifications/cancelled for an in-flight call stops it (-32800) and the next call works."""
+    raw = RawStdio(stdio_params)
+    send, receive, proc = raw.send, raw.receive, raw.proc
     try:
         send({"jsonrpc": "2.0", "id": 1, "method": "initialize",
               "params": {"protocolVersion": "2025-06-18", "capabilities": {},
@@ -344,10 +376,56 @@ def test_stdio_raw_lines_parse_error_and_cancel(stdio_params):
         proc.stdin.close()
         assert proc.wait(30) == 0
     finally:
-        timer.cancel()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        raw.close()
+
+
+def modern_meta(version: str = MODERN, **extra) -> dict:
+    return {"io.modelcontextprotocol/protocolVersion": version, "io.modelcontextprotocol/clientCapabilities": {},
+            "io.modelcontextprotocol/clientInfo": {"name": "raw", "version": "0"}, **extra}
+
+
+def test_stdio_raw_modern_era(stdio_params):
+    """2026-07-28 over stdio: no handshake, _meta on every request, server/discover, per-request
+    errors (-32602 missing capabilities, -32022 an unknown version with the supported ones), and
+    the handshake era still served by the same process."""
+    raw = RawStdio(stdio_params)
+    send, receive = raw.send, raw.receive
+    try:
+        send({"jsonrpc": "2.0", "id": 1, "method": "server/discover", "params": {"_meta": modern_meta()}})
+        discovered = receive()["result"]
+        assert MODERN in discovered["supportedVersions"] and set(SUPPORTED_VERSIONS) <= set(discovered["supportedVersions"])
+        assert discovered["resultType"] == "complete" and discovered["capabilities"]["tools"] is not None
+        assert discovered["_meta"]["io.modelcontextprotocol/serverInfo"]["name"] == "hcx-server"
+        assert discovered["ttlMs"] >= 0 and discovered["cacheScope"] in ("public", "private")
+
+        send({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+              "params": {"name": TOOL, "arguments": {"prompt": "x", "max_tokens": 4, "min_tokens": 4},
+                         "_meta": modern_meta(progressToken="p")}})
+        messages = [receive()]
+        while "id" not in messages[-1]:
+            messages.append(receive())
+        assert [m["method"] for m in messages[:-1]] == ["notifications/progress"] * (len(messages) - 1)
+        result = messages[-1]["result"]
+        assert result["isError"] is False and result["resultType"] == "complete", result
+
+        send({"jsonrpc": "2.0", "id": 3, "method": "tools/list",
+              "params": {"_meta": {"io.modelcontextprotocol/protocolVersion": MODERN}}})
+        error = receive()["error"]
+        assert error["code"] == -32602 and "clientCapabilities" in error["message"], error
+        send({"jsonrpc": "2.0", "id": 4, "method": "tools/list", "params": {"_meta": modern_meta("2099-01-01")}})
+        error = receive()["error"]
+        assert error["code"] == -32022 and error["data"]["requested"] == "2099-01-01", error
+        assert MODERN in error["data"]["supported"]
+        send({"jsonrpc": "2.0", "id": 5, "method": "ping", "params": {"_meta": modern_meta()}})
+        assert receive()["error"]["code"] == -32601, "ping is not part of 2026-07-28"
+
+        send({"jsonrpc": "2.0", "id": 6, "method": "server/discover", "params": {}})
+        assert receive()["error"]["code"] == -32601, "without _meta a request belongs to the handshake era"
+        send({"jsonrpc": "2.0", "id": 7, "method": "initialize",
+              "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "r", "version": "0"}}})
+        assert receive()["result"]["protocolVersion"] == "2025-11-25"
+    finally:
+        raw.close()
 
 
 # ----------------------------------------------------------------------------------------

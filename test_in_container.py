@@ -324,6 +324,17 @@ def test_openai_routes(container):
     assert isinstance(chat["choices"][0]["message"]["content"], str)
 
 
+def test_playground_page(container):
+    """The image carries static/ (installed as hcx_server_static): the page and its assets load
+    without the API key, with their CSP."""
+    for path, ctype, marker in (("/", "text/html", "/static/app.js"), ("/static/app.js", "text/javascript", "renderText"),
+                                ("/static/app.css", "text/css", "body")):
+        status, hdrs, text = http("GET", f"{container.url}{path}", auth=False)
+        assert status == 200, (path, text)
+        assert hdrs["Content-Type"].startswith(ctype) and marker in text, path
+        assert "script-src 'self'" in hdrs["Content-Security-Policy"]
+
+
 def test_runs_as_non_root(container):
     assert sh(["docker", "image", "inspect", "-f", "{{.Config.User}}", IMAGE], 30).stdout.strip() == \
         f"{APP_UID}:{APP_UID}"

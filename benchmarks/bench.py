@@ -6,6 +6,7 @@ reported. cli.py registers the `bench` command defined here; nothing else import
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -22,9 +23,12 @@ import server
 #   1. server overhead on the tiny demo model: in-process server.generate vs every HTTP route
 #      of a real `hcx-cli serve` subprocess (seed, seed stream, OpenAI, OpenAI stream, MCP);
 #   2. streaming: first chunk vs in-process first piece, chunk cadence vs in-process cadence;
-#   3. --full: a random-weight model with HCX-like shapes (built once, cached on disk), loaded
-#      by server.load_model in fresh subprocesses: load time, peak RSS, prefill, decode tokens/s
-#      per backend and thread count, against the memory bandwidth measured in the same process.
+#   3. --full: a random-weight model in the HCX remote-code format at the real shapes (built once,
+#      cached on disk), one fresh subprocess per configuration (dtype, int8 weights, forced
+#      kernel): load time, peak RSS, prefill vs the FLOP peak, decode tokens/s per backend and
+#      thread count vs the memory bandwidth measured in the same process, our loop vs
+#      model.generate, the grammar mask's cost, then HTTP streaming on a real server; one
+#      machine-readable `full:` line per configuration and the goals, met or not.
 # Plain http.client only (the official MCP/OpenAI clients are test-only dependencies). The
 # output ends with ONE line `overhead_ratio=<x> stream_overhead_ratio=<y>` for scripts; the
 # bench's own correctness checks (same tokens everywhere) print `checks: ok` or exit 1.
@@ -38,15 +42,6 @@ BENCH_CLEARED_KEYS = ("MODEL_PATH", "MODEL_ID", "MODEL_REVISION", "DEVICE", "DTY
                       "THREADS", "MAX_QUEUE", "MAX_NEW_TOKENS", "MAX_TOKENS_CAP", "SYSTEM_PROMPT", "API_KEY",
                       "ALLOWED_ORIGINS", "DEMO", "DEMO_MODEL_DIR", "LOG_PROMPTS", "MAX_MODEL_LEN", "TORCH_THREADS",
                       "GENERATION_BACKEND")
-# HCX-like shapes (hcx-model.md: 3.2 B decoder + 0.43 B SigLIP vision, 378-px grids of 81 tokens).
-# The decoder shapes are assumed (no config of the real model is reachable from here).
-FULL_TEXT = dict(hidden_size=3072, intermediate_size=7168, num_hidden_layers=32, num_attention_heads=24,
-                 num_key_value_heads=8, vocab_size=110592, max_position_embeddings=16384, tie_word_embeddings=True)
-FULL_VISION = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
-                   image_size=378, patch_size=14)
-FULL_LAYOUT_VERSION = 1
-
-
 def _median(values) -> float:
     import statistics
 
@@ -352,11 +347,31 @@ def bench_tiny(cfg: server.Config, reps: int, tokens: int, threads: int) -> tupl
     return worst, stream_worst, failures
 
 
-# -- --full: the random full-size model -------------------------------------------------------
+# -- 3. --full: the random full-size model, in the HCX remote-code format ---------------------
+# The tiny second-revision HCX package of the tests (tests/tiny_hcx_v2) at the real shapes:
+# SigLIP 378 px / patch 14 (27 layers), a C-Abstractor-like projector pooling each 378-px grid to
+# 81 tokens, AnyRes up to 9 grids, a ~3.2 B Llama decoder with a 110 k byte-level BPE vocabulary
+# (Korean-heavy, like the real one), random weights, built once in bf16 (~7.4 GB) and cached. It
+# loads through the same code as the real model (trust_remote_code, the hcx-v2 input building,
+# our decode loop), so every figure below is for the path users run. Each configuration is
+# measured in a fresh subprocess; then a real `hcx-cli serve` on it measures HTTP streaming.
+
+FULL_LAYOUT_VERSION = 2
+FULL_VOCAB = 110592
+FULL_TEXT = dict(model_type="llama", hidden_size=3072, intermediate_size=7168, num_hidden_layers=32,
+                 num_attention_heads=24, num_key_value_heads=8, max_position_embeddings=16384, rms_norm_eps=1e-5,
+                 rope_theta=500000.0, tie_word_embeddings=True)
+FULL_VISION = dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                   num_attention_heads=16, image_size=378, patch_size=14, num_channels=3, vision_use_head=False)
+FULL_GRID = dict(max_num_grids=9, num_queries_vis_abstractor_image=81, anyres=True, use_1x1_grid=True)
+FULL_PROMPT_IMAGE = "What shape and colour is in this image?"
+FULL_PROMPT_TEXT = "Write a long story about a cat."
+# a long string field keeps a constrained answer going for as many tokens as a free one
+MASK_SCHEMA = {"type": "object", "properties": {"story": {"type": "string", "minLength": 4000}}, "required": ["story"]}
 
 
 def _full_model_dir(cache_dir: str | None) -> Path:
-    return Path(cache_dir).expanduser() if cache_dir else Path.home() / ".cache" / "hcx-server" / "bench-full"
+    return Path(cache_dir).expanduser() if cache_dir else Path.home() / ".cache" / "hcx-server" / "bench-full-hcx"
 
 
 def _full_model_ready(folder: Path) -> bool:
@@ -367,41 +382,64 @@ def _full_model_ready(folder: Path) -> bool:
         return False
 
 
-def full_model_parts():
-    """Tokenizer-carrying processor and config of the full-size random model (no weights)."""
-    from transformers import Idefics3Config, Idefics3ImageProcessor, Idefics3Processor, LlamaConfig
+def _tiny_models():
+    """tests/tiny_models.py of a source checkout: the HCX v2 package the full model is built from."""
+    root = Path(server.__file__).resolve().parent
+    if not (root / "tests" / "tiny_hcx_v2").is_dir():
+        raise click.ClickException("--full builds its model from tests/tiny_hcx_v2: run it from a source checkout")
+    sys.path.insert(0, str(root))
+    from tests import tiny_models
 
-    tokenizer = server.build_demo_tokenizer()
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<fake_token_around_image>", "<global-img>",
-                                                                "<end_of_utterance>"]})
-    image_processor = Idefics3ImageProcessor(size={"longest_edge": 378}, max_image_size={"longest_edge": 378},
-                                             do_image_splitting=False, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=81,
-                                  chat_template=server.DEMO_CHAT_TEMPLATE)
-    config = Idefics3Config(vision_config=FULL_VISION, scale_factor=3, tie_word_embeddings=True,
-                            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                            pad_token_id=tokenizer.pad_token_id,
-                            text_config=LlamaConfig(**FULL_TEXT, pad_token_id=tokenizer.pad_token_id,
-                                                    eos_token_id=tokenizer.eos_token_id))
-    return processor, config
+    return tiny_models
+
+
+def build_full_tokenizer(tiny_models):
+    """A byte-level BPE of FULL_VOCAB tokens (random Korean syllables and Latin words), with the
+    HCX special tokens: every id the random model samples decodes to text, like a real vocabulary."""
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2TokenizerFast
+
+    rng = random.Random(0)
+    syllables = [chr(0xAC00 + i) for i in range(11172)]
+
+    def word() -> str:
+        if rng.random() < 0.5:
+            return "".join(rng.choice(syllables) for _ in range(rng.randint(1, 3)))
+        return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 8)))
+
+    corpus = [" ".join(word() for _ in range(50)) for _ in range(20000)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=FULL_VOCAB - len(tiny_models.SPECIAL_TOKENS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=1)
+    tok.train_from_iterator(corpus, trainer=trainer)
+    tok.add_special_tokens(tiny_models.SPECIAL_TOKENS)
+    eos = tiny_models.EOS_TOKEN
+    return GPT2TokenizerFast(tokenizer_object=tok, bos_token=eos, eos_token=eos, unk_token=eos, pad_token=eos,
+                             add_prefix_space=False, model_max_length=FULL_TEXT["max_position_embeddings"],
+                             chat_template=tiny_models.CHAT_TEMPLATE)
 
 
 def build_full_model(folder: str | Path) -> Path:
-    """A random Idefics3-architecture model (SigLIP 378 px + pixel-shuffle connector: 81 tokens per
-    image, like the C-Abstractor's; Llama decoder) with HCX-like shapes, built in bf16 directly:
-    meta-device construction, to_empty, in-place init, 1 GB shards (never an fp32 copy)."""
+    """The HCX-format random model in bf16 directly: meta-device construction, to_empty, in-place
+    init, 2 GB shards (never an fp32 copy, never 15 GB of RAM)."""
     import torch
-    from transformers import GenerationConfig, Idefics3ForConditionalGeneration
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    tiny_models = _tiny_models()
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    processor, config = full_model_parts()
-    tokenizer = processor.tokenizer
+    tokenizer = build_full_tokenizer(tiny_models)
+    config = tiny_models.write_hcx_v2_folder(folder, tokenizer, text=FULL_TEXT, vision=FULL_VISION, grid=FULL_GRID,
+                                             dtype="bfloat16")
+    hf_config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device("meta"):
-            model = Idefics3ForConditionalGeneration(config)
+            model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=True)
     finally:
         torch.set_default_dtype(previous)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # random init is ~10x faster on a GPU
@@ -415,11 +453,13 @@ def build_full_model(folder: str | Path) -> Path:
                 param.fill_(1.0)  # norm weights
             else:
                 param.normal_(0.0, 0.02, generator=gen)
-    model.tie_weights()
-    model.generation_config = GenerationConfig(eos_token_id=[tokenizer.convert_tokens_to_ids("<|im_end|>")],
-                                               pad_token_id=tokenizer.pad_token_id)
-    model.save_pretrained(folder, max_shard_size="1GB")
-    processor.save_pretrained(folder)
+        for module in model.modules():  # rotary frequencies are buffers computed at init: recompute
+            if hasattr(module, "inv_freq") and hasattr(module, "rope_init_fn"):
+                inv_freq, scaling = module.rope_init_fn(module.config, device)
+                module.inv_freq.copy_(inv_freq)
+                module.original_inv_freq = inv_freq
+    model.save_pretrained(folder, max_shard_size="2GB")
+    tiny_models.keep_auto_map(folder, config)
     params = sum(p.numel() for p in model.parameters())
     (folder / "hcx-bench-full.json").write_text(json.dumps({"layout": FULL_LAYOUT_VERSION, "params": params}))
     return folder
@@ -445,25 +485,34 @@ def _timed_generation(m, req, max_new: int) -> dict:
     times = [at for at, (kind, _) in job.events.items if kind == "token"]
     ids = [value for _, (kind, value) in job.events.items if kind == "token"]
     decode = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan")
-    return {"ids": ids, "ttft": times[0] - started if times else float("nan"), "decode_tok_s": decode}
+    return {"ids": ids, "ttft": times[0] - started if times else float("nan"), "decode_tok_s": decode,
+            "prompt_tokens": inputs.prompt_tokens, "grids": _grids(inputs.tensors.get("pixel_values_images"))}
+
+
+def _grids(value) -> int:
+    """How many vision grids the request's pixel tensors hold (nested lists of (grids, 3, H, W))."""
+    if hasattr(value, "dim"):
+        return int(value.shape[0]) if value.dim() == 4 else 0
+    return sum(_grids(v) for v in value) if isinstance(value, (list, tuple)) else 0
 
 
 def _weight_bytes(model) -> tuple[int, int]:
-    """(all weight bytes, bytes one decode step reads: decoder + lm_head, not vision/connector,
-    not the input embedding unless it is the tied lm_head)."""
+    """(all weight bytes, bytes one decode step reads): parameters and buffers (int8 weights and
+    their scales too), each storage once; decode reads the decoder and lm_head, not the vision
+    tower and projector, and the input embedding only when it is the (tied) lm_head."""
+    vision = {id(t) for mod in server.vision_modules(model) for t in [*mod.parameters(), *mod.buffers()]}
+    embed = model.get_input_embeddings().weight
+    head = getattr(model.get_output_embeddings(), "weight", None)
     seen, total, decode = set(), 0, 0
-    skip = {id(p) for mod in server.vision_modules(model) for p in mod.parameters()}
-    skip |= {id(p) for name, mod in model.named_modules() if name.endswith("connector") for p in mod.parameters()}
-    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
-    if embed is not head:
-        skip.add(id(embed))
-    for param in model.parameters():
-        if id(param) in seen:
+    for tensor in [*model.parameters(), *model.buffers()]:
+        key = (tensor.untyped_storage().data_ptr() if tensor.device.type != "meta" else id(tensor), tensor.numel())
+        if key in seen or tensor.numel() < 1024:  # norms, rotary tables: noise
             continue
-        seen.add(id(param))
-        size = param.numel() * param.element_size()
+        seen.add(key)
+        size = tensor.numel() * tensor.element_size()
         total += size
-        decode += 0 if id(param) in skip else size
+        if id(tensor) not in vision and (tensor is not embed or embed is head):
+            decode += size
     return total, decode
 
 
@@ -478,127 +527,95 @@ def _bandwidth(device, gigabytes: float = 2.0) -> dict:
     for name, fn in (("sum", data.sum), ("gemv_f32", lambda: torch.mv(matrix, vector))):
         best = []
         for _ in range(3):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            _sync(device)
             started = time.perf_counter()
             fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            _sync(device)
             best.append(data.numel() * 4 / (time.perf_counter() - started) / 1e9)
         out[name] = _median(best)
     return out  # the buffer is freed on return
 
 
-def _greedy_logits(m, req, max_new: int):
-    """Greedy ids (processed scores, as generate picks them) and raw logits per step."""
+def _flop_peak(device) -> float:
+    """The machine's fp32 matmul rate (GFLOP/s) measured now: what prefill is a fraction of."""
     import torch
 
-    inputs = server.build_inputs(m, req)
-    with torch.inference_mode():
-        out = m.model.generate(**inputs.tensors, **server.sampling_kwargs(req, max_new),
-                               eos_token_id=list(m.stop_token_ids), pad_token_id=m.pad_token_id,
-                               output_scores=True, output_logits=True, return_dict_in_generate=True)
-    return ([int(s[0].argmax()) for s in out.scores], [s[0].float() for s in out.scores],
-            [s[0].float() for s in out.logits])
+    n = 4096 if device.type == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=device) for _ in range(2))
+    rates = []
+    for _ in range(4):
+        _sync(device)
+        started = time.perf_counter()
+        a @ b
+        _sync(device)
+        rates.append(2 * n**3 / (time.perf_counter() - started) / 1e9)
+    return max(rates[1:])
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _prefill_flops(m, prompt_tokens: int, grids: int) -> float:
+    """2 x params x tokens for the decoder and, per 378-px grid, for the vision tower's patches."""
+    vision = sum(p.numel() for mod in server.vision_modules(m.model) for p in mod.parameters())
+    decoder = sum(p.numel() for p in m.decoder.parameters()) - m.decoder.get_input_embeddings().weight.numel()
+    patches = (FULL_VISION["image_size"] // FULL_VISION["patch_size"]) ** 2
+    return 2.0 * decoder * prompt_tokens + 2.0 * vision * patches * grids
+
+
+def _full_request(cfg, with_image: bool, tokens: int, constrained: bool = False):
+    from PIL import Image, ImageDraw
+
+    body = {"prompt": FULL_PROMPT_IMAGE if with_image else FULL_PROMPT_TEXT, "max_tokens": tokens,
+            "min_tokens": tokens, "temperature": 0, **({"json_schema": MASK_SCHEMA} if constrained else {})}
+    req = server.prompt_request(body, cfg)
+    if with_image:
+        image = Image.new("RGB", (378, 378), "white")
+        ImageDraw.Draw(image).rectangle((80, 80, 300, 300), fill="red")
+        req.messages[-1].images = [image]
+    return req
 
 
 def _use_backend(m, backend: str, loaded: str) -> None:
-    """Switch between eager and the backend prepared at load, in place."""
+    """Switch, in place, between `loaded` (what the model was prepared with), eager and hf."""
     if loaded == "gemv":
         server.use_gemv_linears(m.model, backend == "gemv")
-    elif loaded == "static":
-        m.generation_backend = backend  # server.static_cache_kwargs reads it per request
-
-
-def _teacher_forced_check(m, req, eager_ids: list[int], other_ids: list[int]) -> tuple[bool, str]:
-    """Where greedy ids first differ, one eager forward over prompt + shared prefix: the other
-    backend's pick must be a near-tie there (within 2 % of the logit scale)."""
-    import torch
-
-    step = next(i for i, (x, y) in enumerate(zip(eager_ids, other_ids)) if x != y)
-    inputs = server.build_inputs(m, req).tensors
-    prefix = torch.tensor([eager_ids[:step]], dtype=inputs["input_ids"].dtype, device=m.device)
-    ids = torch.cat([inputs["input_ids"], prefix], dim=1)
-    with torch.inference_mode():
-        logits = m.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1].float()
-    margin = float(logits[eager_ids[step]] - logits[other_ids[step]])
-    scale = float(logits.abs().max())
-    ok = margin <= 0.02 * scale
-    return ok, (f"{'ok' if ok else 'FAILED'}: identical {step}/{len(eager_ids)} greedy tokens, then "
-                f"{'a near-tie' if ok else 'NOT a near-tie'} (eager margin {margin:.4f} at logit scale {scale:.2f})")
-
-
-def _logit_check(m, req, max_new: int, threads: int, other_threads: int | None) -> tuple[bool, str]:
-    """eager vs gemv at the same thread count: identical greedy ids, or the first difference is a
-    near-tie (eager's margin between the two picks is within the backends' logit difference there);
-    and the first-step logits differ no more than eager's own do between thread counts (x3)."""
-    import torch
-
-    torch.set_num_threads(threads)
-    server.use_gemv_linears(m.model, False)
-    a, sa, la = _greedy_logits(m, req, max_new)
-    server.use_gemv_linears(m.model, True)
-    b, _, lb = _greedy_logits(m, req, max_new)
-    scale = float(la[0].abs().max())
-    step0 = float((la[0] - lb[0]).abs().max())
-    noise = None
-    if other_threads:
-        torch.set_num_threads(other_threads)
-        server.use_gemv_linears(m.model, False)
-        noise = float((_greedy_logits(m, req, 1)[2][0] - la[0]).abs().max())
-        server.use_gemv_linears(m.model, True)
-        torch.set_num_threads(threads)
-    ok = noise is None or step0 <= 3 * noise + 1e-3 * scale
-    text = (f"first-step logits: gemv vs eager differ by {step0:.4f} (logit scale {scale:.2f}"
-            + (f"; eager {threads} vs {other_threads} threads: {noise:.4f})" if noise is not None else ")"))
-    same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
-    if same == len(a):
-        return ok, f"{'ok' if ok else 'FAILED'}: identical {same}/{len(a)} greedy tokens; {text}"
-    margin = float(sa[same][a[same]] - sa[same][b[same]])
-    diff = float((la[same] - lb[same]).abs().max())
-    ok = ok and margin <= diff
-    return ok, (f"{'ok' if ok else 'FAILED'}: identical {same}/{len(a)} greedy tokens, then "
-                f"{'a near-tie' if margin <= diff else 'NOT a near-tie'} (eager margin {margin:.4f}, logit "
-                f"difference {diff:.4f}); {text}")
+    if loaded == "static":
+        m.saved_static = getattr(m, "saved_static", None) or m.static
+        m.static = m.saved_static if backend == "static" else None  # eager: the same loop, dynamic cache
+    m.generation_backend = backend
 
 
 def bench_full_child() -> None:
-    """The --full measuring subprocess (one per dtype, so loads never share a process);
-    argv[1] is a JSON job; the last stdout line is the JSON result."""
+    """One --full configuration in a fresh process: argv[1] is a JSON job; the last stdout line is
+    the JSON result."""
     import os
     import resource
 
     import torch
-    from PIL import Image, ImageDraw
 
     job = json.loads(sys.argv[1])
     logging.basicConfig(level=logging.INFO if job.get("verbose") else logging.WARNING, stream=sys.stderr)
     threads_max = max(job["threads"])
-    cfg = server.load_config({"MODEL_PATH": job["path"], "DEVICE": job["device"], "DTYPE": job["dtype"],
-                              "TORCH_THREADS": str(threads_max), "GENERATION_BACKEND": job["backend"]})
+    cfg = server.load_config({**job["env"], "TORCH_THREADS": str(threads_max)})
     started = time.perf_counter()
-    m = server.load_model(cfg)
+    engine = server.Engine(cfg).start(wait=True)
+    m = engine.model
     load_s = time.perf_counter() - started
-    image = Image.new("RGB", (378, 378), "white")
-    ImageDraw.Draw(image).rectangle((80, 80, 300, 300), fill="red")
-
-    def request(with_image: bool, tokens: int):
-        req = server.prompt_request({"prompt": "What shape and colour is in this image?" if with_image else
-                                     "Write a long story about a cat.", "max_tokens": tokens,
-                                     "min_tokens": tokens, "temperature": 0}, cfg)
-        if with_image:
-            req.messages[-1].images = [image]
-        return req
-
-    first = _timed_generation(m, request(True, 2), 2)  # touches every weight once
+    tokens = job["tokens"]
+    first = _timed_generation(m, _full_request(cfg, True, 2), 2)  # touches every weight once
     first_s = time.perf_counter() - started - load_s
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     gpu_peak = torch.cuda.max_memory_allocated() if m.device.type == "cuda" else 0
     weights, decode_bytes = _weight_bytes(m.model)
     loaded = m.generation_backend
-    backends = ["eager"] + ([loaded] if loaded != "eager" else [])
-    variants = [(b, t) for t in job["threads"] for b in backends]
-    prefill, decode, ids = [], {v: [] for v in variants}, {}
+    backends = [loaded] + [b for b in ("eager", "hf") if b != loaded]
+    variants = [(b, t) for t in job["threads"] for b in backends if b == loaded or t == threads_max]
+    prefill, flop_peak, decode, ids, cadence, masked = [], [], {v: [] for v in variants}, {}, [], {"free": [], "mask": []}
     bandwidth = {t: {"sum": [], "gemv_f32": []} for t in job["threads"]}
     for rep in range(job["reps"]):
         for threads in job["threads"]:
@@ -606,52 +623,86 @@ def bench_full_child() -> None:
             for key, value in _bandwidth(m.device).items():
                 bandwidth[threads][key].append(value)
         torch.set_num_threads(threads_max)
-        prefill.append(_timed_generation(m, request(True, 1), 1)["ttft"])
+        flop_peak.append(_flop_peak(m.device))
+        prefill.append(_timed_generation(m, _full_request(cfg, True, 1), 1)["ttft"])
         for backend, threads in _rotated(variants, rep):
             torch.set_num_threads(threads)
             _use_backend(m, backend, loaded)
-            run = _timed_generation(m, request(False, job["tokens"]), job["tokens"])
+            run = _timed_generation(m, _full_request(cfg, False, tokens), tokens)
             decode[(backend, threads)].append(run["decode_tok_s"])
             ids.setdefault((backend, threads), run["ids"])
         _use_backend(m, loaded, loaded)
+        torch.set_num_threads(threads_max)
+        if job.get("mask") and loaded != "hf":  # constrained vs free decode, same backend, side by side
+            for kind in _rotated(["free", "mask"], rep):
+                run = _timed_generation(m, _full_request(cfg, False, tokens, kind == "mask"), tokens)
+                masked[kind].append(run["decode_tok_s"])
+        piece_times, began = [], time.perf_counter()
+        for _ in server.stream(engine, _full_request(cfg, False, tokens)):  # the engine thread, as HTTP uses it
+            piece_times.append(time.perf_counter() - began)
+        cadence.append(_cadence(piece_times))
     notes, check_ok = [], True
-    for threads in job["threads"]:  # same thread count: eager itself may differ between 1 and 2 threads
+    reference = ids[(loaded, threads_max)]
+    for (backend, threads), got in ids.items():
+        if (backend, threads) == (loaded, threads_max) or (backend != loaded and threads != threads_max):
+            continue
+        _use_backend(m, loaded, loaded)
         torch.set_num_threads(threads)
-        if loaded == "eager":
-            continue
-        if ids[(loaded, threads)] == ids[("eager", threads)]:
-            notes.append(f"{threads} thread(s): {loaded} = eager, {len(ids[('eager', threads)])} greedy tokens "
-                         "identical")
-            continue
-        others = [t for t in job["threads"] if t != threads]
-        if loaded == "gemv":
-            ok, verdict = _logit_check(m, request(False, job["tokens"]), job["tokens"], threads,
-                                       others[0] if others else None)
-        else:
-            _use_backend(m, "eager", loaded)
-            ok, verdict = _teacher_forced_check(m, request(False, job["tokens"]), ids[("eager", threads)],
-                                                ids[(loaded, threads)])
-            _use_backend(m, loaded, loaded)
-        check_ok &= ok
-        notes.append(f"{threads} thread(s): {verdict}")
+        ok, verdict = server.near_tie(m, server.build_inputs(m, _full_request(cfg, False, tokens)), reference, got)
+        check_ok &= ok or backend == loaded  # 1 vs 2 threads: torch's own reduction order may differ
+        notes.append(f"{loaded} ({threads_max} threads) vs {backend} ({threads} threads): {verdict}")
     torch.set_num_threads(threads_max)
-    if len({tuple(v) for (b, _), v in ids.items() if b == "eager"}) > 1:
-        notes.append("(eager alone gives different greedy tokens at different thread counts: torch's own reduction "
-                     "order)")
-    check = "; ".join(notes) or "no second backend to compare"
+    quality = {}
+    if job.get("save_reference"):
+        torch.save({"ids": reference, "logits": server.teacher_forced_logits(
+            m, server.build_inputs(m, _full_request(cfg, False, tokens)), reference[:-1])}, job["save_reference"])
+    if job.get("reference") and Path(job["reference"]).is_file():
+        ref = torch.load(job["reference"])
+        mine = server.teacher_forced_logits(m, server.build_inputs(m, _full_request(cfg, False, tokens)), ref["ids"][:-1])
+        error = float((mine - ref["logits"]).abs().max())
+        step = next((i for i, (x, y) in enumerate(zip(ref["ids"], reference)) if x != y), None)
+        near = step is None or abs(float(ref["logits"][step][ref["ids"][step]] - ref["logits"][step][reference[step]])) \
+            <= 0.02 * float(ref["logits"][step].abs().max())
+        quality = {"max_logit_error": error, "scale": float(ref["logits"].abs().max()), "same_until": step,
+                   "near_tie": near}
+        check_ok &= near
+        notes.append(f"vs the bf16 reference: max teacher-forced logit error {error:.4f} (logit scale "
+                     f"{quality['scale']:.2f}); greedy tokens {'identical' if step is None else f'identical for {step}, then a near-tie' if near else f'differ at {step}: NOT a near-tie'}")
     print(json.dumps({
-        "dtype": str(m.dtype).replace("torch.", ""), "device": str(m.device), "backend_loaded": m.generation_backend,
-        "attn": getattr(getattr(m.model, "config", None), "_attn_implementation", "?"),
-        "load_s": load_s, "first_answer_s": first_s, "first_ids": len(first["ids"]), "rss_peak": rss_peak,
-        "gpu_peak": gpu_peak, "weight_bytes": weights, "decode_bytes": decode_bytes,
-        "prefill_s": _median(prefill), "prefill_all": prefill,
+        "job": job["name"], "dtype": str(m.dtype).replace("torch.", ""), "device": str(m.device),
+        "weights": getattr(m, "weights", str(m.dtype).replace("torch.", "").replace("bfloat16", "bf16")
+                           .replace("float32", "fp32").replace("float16", "fp16")),
+        "kernel": getattr(m, "kernel", "torch"), "backend_loaded": loaded, "interface": m.interface,
+        "load_s": load_s, "first_answer_s": first_s, "rss_peak": rss_peak, "gpu_peak": gpu_peak,
+        "weight_bytes": weights, "decode_bytes": decode_bytes, "prefill_s": _median(prefill),
+        "prefill_flops": _prefill_flops(m, first["prompt_tokens"], first["grids"]), "grids": first["grids"], "flop_peak": _median(flop_peak) * 1e9,
+        "prompt_tokens": first["prompt_tokens"],
         "decode": {f"{b}/{t}": _median(v) for (b, t), v in decode.items()},
-        "decode_all": {f"{b}/{t}": v for (b, t), v in decode.items()},
         "bandwidth": {str(t): {k: _median(v) for k, v in probes.items()} for t, probes in bandwidth.items()},
-        "bandwidth_all": {str(t): probes for t, probes in bandwidth.items()}, "threads_max": threads_max,
-        "check": check, "check_ok": check_ok, "load_avg": list(os.getloadavg()),
-        "prompt_tokens": server.build_inputs(m, request(True, 1)).prompt_tokens,
+        "threads_max": threads_max, "cadence": _median(cadence),
+        "mask": {k: _median(v) for k, v in masked.items() if v}, "quality": quality,
+        "check": "; ".join(notes) or "no second backend to compare", "check_ok": check_ok,
+        "load_avg": list(os.getloadavg()),
     }))
+
+
+def _http_cadence(env: dict, tokens: int, reps: int, timeout: float = 900) -> dict:
+    """A real `hcx-cli serve` on the same configuration: time to first chunk and chunk cadence of the
+    streamed seed route (text only, greedy, min = max tokens), median of `reps`."""
+    srv = _BenchServer(env).start(timeout=timeout)
+    try:
+        conn = _KeepAlive(srv.port)
+        body = {"prompt": FULL_PROMPT_TEXT, "max_tokens": tokens, "min_tokens": tokens, "temperature": 0}
+        firsts, cadences = [], []
+        for _ in range(reps + 1):  # one warm-up
+            status, _, chunks, _ = conn.post("/tool/generate_hyperclovax_vision_stream", body)
+            if status != 200:
+                raise click.ClickException(f"the bench server answered HTTP {status}")
+            firsts.append(chunks[0][0])
+            cadences.append(_cadence([at for at, _ in chunks]))
+        return {"ttft": _median(firsts[1:]), "cadence": _median(cadences[1:])}
+    finally:
+        srv.stop()
 
 
 def _mem_available() -> int:
@@ -664,11 +715,29 @@ def _mem_available() -> int:
     return 1 << 62
 
 
+def full_jobs(cfg: server.Config, device, dtypes: list[str]) -> list[dict]:
+    """The configurations --full measures: every dtype asked for, and on a CPU the int8 weights and
+    (where the CPU has more) the AVX2 kernel forced, so each variant users may get is measured."""
+    jobs = []
+    for dtype in dtypes:
+        jobs.append({"name": dtype, "env": {"DTYPE": dtype, "GENERATION_BACKEND": cfg.generation_backend}})
+    known = {f.name for f in dataclasses.fields(server.Config)}
+    if device.type == "cpu" and "bfloat16" in dtypes:
+        if "weights" in known:
+            jobs.append({"name": "int8", "env": {"DTYPE": "bfloat16", "WEIGHTS": "int8",
+                                                 "GENERATION_BACKEND": cfg.generation_backend}})
+        if "cpu_kernel" in known and "avx512_bf16" in server.cpu_flags():
+            jobs.append({"name": "bfloat16-avx2", "env": {"DTYPE": "bfloat16", "CPU_KERNEL": "avx2",
+                                                          "GENERATION_BACKEND": cfg.generation_backend}})
+    return jobs
+
+
 def bench_full(cfg: server.Config, cache_dir, reps: int, tokens: int, threads: list[int], dtypes: list[str],
                verbose: bool) -> list[str]:
-    """Build (once) and measure the full-size random model, one fresh subprocess per dtype."""
+    """Build (once) and measure the full-size HCX-format model, one fresh subprocess per configuration."""
     import os
     import subprocess
+    import tempfile
 
     import torch
 
@@ -676,68 +745,111 @@ def bench_full(cfg: server.Config, cache_dir, reps: int, tokens: int, threads: l
     folder = _full_model_dir(cache_dir)
     device = server.resolve_device(cfg)
     if not _full_model_ready(folder):
-        click.echo(f"building the random full-size model once into {folder} (bf16, ~7.4 GB, a few minutes) ...",
-                   err=True)
+        click.echo(f"building the random full-size HCX-format model once into {folder} (bf16, ~7.4 GB, a few "
+                   "minutes) ...", err=True)
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-c", f"from benchmarks import bench; bench.build_full_model({str(folder)!r})"], check=True)
+        subprocess.run([sys.executable, "-c", "from benchmarks import bench; bench.build_full_model("
+                        f"{str(folder)!r})"], check=True, cwd=Path(server.__file__).resolve().parent)
         click.echo(f"built in {time.perf_counter() - started:.0f} s", err=True)
     params = json.loads((folder / "hcx-bench-full.json").read_text())["params"]
     if device.type == "cuda":
         threads = [max(threads)]
-    env = {k: v for k, v in os.environ.items() if k not in BENCH_CLEARED_KEYS}
-    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    base_env = {k: v for k, v in os.environ.items() if k not in BENCH_CLEARED_KEYS}
+    base_env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    scratch = Path(tempfile.mkdtemp(prefix="hcx-bench-full-"))
     results = []
-    for dtype in dtypes:
-        need = params * (4 if dtype == "float32" else 2) * 1.3
+    for job in full_jobs(cfg, device, dtypes):
+        need = params * (4 if job["env"]["DTYPE"] == "float32" else 2) * 1.3
         if device.type == "cpu" and _mem_available() < need:
-            click.echo(f"skipping {dtype}: {need / 1e9:.1f} GB needed, {_mem_available() / 1e9:.1f} GB available",
+            click.echo(f"skipping {job['name']}: {need / 1e9:.1f} GB needed, {_mem_available() / 1e9:.1f} GB available",
                        err=True)
             continue
-        job = {"path": str(folder), "device": str(device), "dtype": dtype, "reps": reps, "tokens": tokens,
-               "threads": threads if dtype == "bfloat16" else [max(threads)], "verbose": verbose,
-               "backend": cfg.generation_backend}
-        done = subprocess.run([sys.executable, "-c", "from benchmarks import bench; bench.bench_full_child()", json.dumps(job)],
-                              env=env, stdout=subprocess.PIPE, text=True)
+        env = {"MODEL_PATH": str(folder), "DEVICE": str(device), **job["env"]}
+        job = {**job, "env": env, "reps": reps, "tokens": tokens, "verbose": verbose,
+               "threads": threads if job["name"] in ("bfloat16", "int8") else [max(threads)],
+               "mask": job["name"] == "bfloat16", "save_reference": str(scratch / "bf16.pt") if job["name"] == "bfloat16"
+               else None, "reference": str(scratch / "bf16.pt") if job["name"] == "int8" else None}
+        done = subprocess.run([sys.executable, "-c", "from benchmarks import bench; bench.bench_full_child()",
+                               json.dumps(job)], env=base_env, stdout=subprocess.PIPE, text=True)
         if done.returncode != 0:
-            failures.append(f"full-size {dtype} run failed (exit {done.returncode})")
+            failures.append(f"full-size {job['name']} run failed (exit {done.returncode})")
             continue
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        result["http"] = _http_cadence({**env, "TORCH_THREADS": str(max(job["threads"]))}, tokens, reps)
+        results.append(result)
     cpu = _cpu_model()
-    click.echo(f"\n== 3. full size: random model with HCX-like shapes, {params / 1e9:.2f} B params, {device} "
-               f"({cpu}, {torch.get_num_threads()} threads max), torch {torch.__version__}, {reps} reps "
+    click.echo(f"\n== 3. full size: random model in the HCX remote-code format (hcx-v2), {params / 1e9:.2f} B params, "
+               f"{device} ({cpu}, {torch.get_num_threads()} threads max), torch {torch.__version__}, {reps} reps "
                f"interleaved, {tokens} decoded tokens, medians ==")
+    goals: list[tuple[str, bool | None, str]] = []
+    by_name = {r["job"]: r for r in results}
     for r in results:
-        limits = {t: max(probes.values()) * 1e9 / r["decode_bytes"] for t, probes in r["bandwidth"].items()}
-        limit = limits[str(r["threads_max"])]
-        ratio = r["rss_peak"] / r["weight_bytes"]
-        peak = (f"GPU peak {r['gpu_peak'] / 1e9:.2f} GB" if r["gpu_peak"] else
-                f"peak RSS {r['rss_peak'] / 1e9:.2f} GB = {ratio:.2f}x weights (goal <= 1.15x)")
-        click.echo(f"-- {r['dtype']} on {r['device']} ({r['attn']} attention, default backend {r['backend_loaded']}): "
-                   f"weights {r['weight_bytes'] / 1e9:.2f} GB, decode reads {r['decode_bytes'] / 1e9:.2f} GB/token; "
-                   f"load average {' '.join(f'{x:.1f}' for x in r['load_avg'])}")
-        click.echo(f"   load {r['load_s']:.1f} s + first answer {r['first_answer_s']:.1f} s; {peak}")
-        click.echo(f"   prefill, 378-px image + prompt ({r['prompt_tokens']} tokens): {r['prefill_s']:.2f} s")
-        for t, probes in sorted(r["bandwidth"].items(), key=lambda kv: -int(kv[0])):
-            click.echo(f"   read bandwidth, {t} thread(s): sum {probes['sum']:.1f} GB/s, fp32 gemv "
-                       f"{probes['gemv_f32']:.1f} GB/s -> {limits[t]:.2f} tok/s"
-                       f"{' = the limit' if t == str(r['threads_max']) else ''}")
-        for name, value in r["decode"].items():
-            backend, threads_used = name.split("/")
-            same = (f" ({100 * value / limits[threads_used]:.0f} % of {threads_used}-thread bandwidth)"
-                    if threads_used != str(r["threads_max"]) else "")
-            click.echo(f"   decode {backend:5s} {threads_used} thread(s): {value:6.2f} tok/s = "
-                       f"{100 * value / limit:5.1f} % of the bandwidth limit{same}")
-        best = max(r["decode"].items(), key=lambda kv: kv[1])
-        peak_ratio = (r["gpu_peak"] or r["rss_peak"]) / r["weight_bytes"]
-        click.echo(f"   summary: best decode {best[0]} = {100 * best[1] / limit:.0f} % of the bandwidth limit "
-                   f"(goal >= 80 %), load peak {peak_ratio:.2f}x weights "
-                   f"({'GPU memory' if r['gpu_peak'] else 'RSS'}; goal <= 1.15x)")
-        click.echo(f"   checks: {r['check']}")
-        if not r["check_ok"]:
-            failures.append(f"full-size {r['dtype']}: {r['check']}")
-    if device.type == "cuda":
-        click.echo("   (GPU decode % uses the bandwidth measured above on this GPU)")
+        failures += _report_full(r, goals)
+    fp32 = by_name.get("float32")
+    for name in ("bfloat16", "int8"):
+        if name in by_name and fp32:
+            ratio = by_name[name]["prefill_s"] / fp32["prefill_s"]
+            goals.append((f"prefill {name} no slower than fp32", ratio <= 1.0, f"{ratio:.2f}x fp32's time"))
+    click.echo("\n-- goals (stated met / not met; GPU goals need a CUDA device)")
+    if device.type != "cuda":
+        goals.append(("CUDA bf16 decode through the HCX path >= 60 % of the HBM bandwidth limit", None,
+                      "not measured here (no CUDA device)"))
+    for goal, met, detail in goals:
+        click.echo(f"   {'met' if met else 'NOT met' if met is False else '--'}: {goal} ({detail})")
     return failures
+
+
+def _report_full(r: dict, goals: list) -> list[str]:
+    """Print one configuration's figures and its `full:` line; add its goals; return failed checks."""
+    limits = {t: max(probes.values()) * 1e9 / r["decode_bytes"] for t, probes in r["bandwidth"].items()}
+    limit = limits[str(r["threads_max"])]
+    best_name, best = max(((k, v) for k, v in r["decode"].items() if not k.startswith("hf/")), key=lambda kv: kv[1])
+    limit_pct = 100 * best / limit
+    rss_ratio = (r["gpu_peak"] or r["rss_peak"]) / r["weight_bytes"]
+    cadence_ratio = r["http"]["cadence"] / r["cadence"]
+    prefill_pct = 100 * r["prefill_flops"] / r["prefill_s"] / r["flop_peak"]
+    click.echo(f"-- {r['job']}: {r['dtype']} on {r['device']}, weights {r['weights']}, kernel {r['kernel']}, backend "
+               f"{r['backend_loaded']} ({r['interface']}); weights {r['weight_bytes'] / 1e9:.2f} GB, decode reads "
+               f"{r['decode_bytes'] / 1e9:.2f} GB/token; load average {' '.join(f'{x:.1f}' for x in r['load_avg'])}")
+    click.echo(f"   load {r['load_s']:.1f} s + first answer {r['first_answer_s']:.1f} s; peak "
+               f"{'GPU memory' if r['gpu_peak'] else 'RSS'} {(r['gpu_peak'] or r['rss_peak']) / 1e9:.2f} GB = "
+               f"{rss_ratio:.2f}x the weights (goal <= 1.15x)")
+    click.echo(f"   prefill, 378-px image ({r['grids']} grids) + prompt ({r['prompt_tokens']} tokens): {r['prefill_s']:.2f} s = "
+               f"{prefill_pct:.0f} % of the fp32 matmul peak ({r['flop_peak'] / 1e9:.0f} GFLOP/s measured)")
+    for t, probes in sorted(r["bandwidth"].items(), key=lambda kv: -int(kv[0])):
+        click.echo(f"   read bandwidth, {t} thread(s): sum {probes['sum']:.1f} GB/s, fp32 gemv {probes['gemv_f32']:.1f} "
+                   f"GB/s -> {limits[t]:.2f} tok/s{' = the limit' if t == str(r['threads_max']) else ''}")
+    for name, value in r["decode"].items():
+        backend, threads = name.split("/")
+        label = "model.generate (hf)" if backend == "hf" else f"our loop, {backend}"
+        click.echo(f"   decode {label:26s} {threads} thread(s): {value:6.2f} tok/s = {100 * value / limit:5.1f} % of "
+                   "the bandwidth limit")
+    hf = r["decode"].get(f"hf/{r['threads_max']}")
+    if hf:
+        goals.append((f"{r['job']}: our decode loop no slower than model.generate (today's path)", best >= hf,
+                      f"{best:.2f} vs {hf:.2f} tok/s = {best / hf:.2f}x"))
+    if r["mask"]:
+        overhead = 100 * (r["mask"]["free"] / r["mask"]["mask"] - 1)
+        click.echo(f"   grammar mask (JSON schema): {r['mask']['mask']:.2f} tok/s constrained vs {r['mask']['free']:.2f} free "
+                   f"= {overhead:+.1f} % per token")
+        goals.append(("structured output: the token mask costs <= 10 % per token on CPU", overhead <= 10,
+                      f"{overhead:+.1f} %"))
+    click.echo(f"   HTTP: first chunk {r['http']['ttft'] * 1000:.0f} ms; cadence {r['http']['cadence'] * 1000:.1f} ms vs "
+               f"{r['cadence'] * 1000:.1f} ms in process = {cadence_ratio:.3f}x (goal <= 1.02x)")
+    click.echo(f"   checks: {r['check']}")
+    goals.append((f"{r['job']}: HTTP streaming cadence <= 1.02x in-process", cadence_ratio <= 1.02, f"{cadence_ratio:.3f}x"))
+    goals.append((f"{r['job']}: peak memory <= 1.15x the weights", rss_ratio <= 1.15, f"{rss_ratio:.2f}x"))
+    if r["device"].startswith("cpu") and r["weights"] in ("bf16", "int8"):
+        want = 85 if r["weights"] == "bf16" and r["kernel"] == "avx512bf16" else 75
+        goals.append((f"{r['job']}: decode >= {want} % of the bandwidth limit ({r['kernel']} kernel)", limit_pct >= want,
+                      f"{limit_pct:.1f} % ({best_name})"))
+    if r["device"].startswith("cuda") and r["dtype"] == "bfloat16":
+        goals.append(("CUDA bf16 decode through the HCX path >= 60 % of the HBM bandwidth limit", limit_pct >= 60,
+                      f"{limit_pct:.1f} %"))
+    click.echo(f"   full: kind=hcx device={r['device'].split(':')[0]} dtype={r['dtype']} weights={r['weights']} "
+               f"kernel={r['kernel']} backend={best_name.split('/')[0]} decode_tok_s={best:.2f} limit_pct={limit_pct:.1f} "
+               f"prefill_s={r['prefill_s']:.2f} rss_ratio={rss_ratio:.2f} http_cadence_ratio={cadence_ratio:.3f}")
+    return [] if r["check_ok"] else [f"full-size {r['job']}: {r['check']}"]
 
 
 def _cpu_model() -> str:
@@ -835,7 +947,7 @@ def bench_kernels(threads: int, reps: int) -> list[str]:
 @click.option("--kernels", is_flag=True, help="Only measure the one-row CPU kernels against torch's and the "
                                               "memory bandwidth (uses --reps and --threads, default all cores).")
 @click.option("--cache-dir", default=None, help="Where the full-size model is cached (default "
-                                                 "~/.cache/hcx-server/bench-full).")
+                                                 "~/.cache/hcx-server/bench-full-hcx).")
 @click.option("--full-reps", type=click.IntRange(1), default=3, show_default=True)
 @click.option("--full-tokens", type=click.IntRange(2), default=24, show_default=True)
 @click.option("--full-threads", default=None, help="Comma-separated torch thread counts to compare (default: "

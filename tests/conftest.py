@@ -6,6 +6,8 @@ from tests.fixtures import (  # noqa: F401  (pytest finds fixtures by name in th
     hcx_model_dir,
     hcx_server,
     hcx_server_url,
+    hcx_v2_model_dir,
+    hcx_v2_server_url,
     make_server,
     model_url,
     server_url,

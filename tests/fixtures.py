@@ -16,11 +16,14 @@ What is here
   developer's ``.env`` or shell exports cannot change what a test sees. Use it as a context
   manager or call ``start()`` / ``stop()``.
 - Session fixtures: ``demo_model_dir`` (tiny LLaVA, ``server.build_demo_model``),
-  ``hcx_model_dir`` (tiny HCX remote-code model, ``tests.tiny_models.build_tiny_hcx``; skipped
-  when that module does not exist), ``server_url`` (a session server on the demo model, or the
-  URL in ``HCX_TEST_URL``), ``demo_server`` (the LiveServer behind it), ``hcx_server_url``,
-  ``model_url`` (parametrized over "demo" and "hcx") and ``make_server`` (a factory for servers
-  with their own config, stopped after the test).
+  ``hcx_model_dir`` (tiny HCX remote-code model, first revision, ``tests.tiny_models.build_tiny_hcx``),
+  ``hcx_v2_model_dir`` (the later revision, ``build_tiny_hcx_v2``), ``server_url`` (a session server
+  on the demo model, or the URL in ``HCX_TEST_URL``), ``demo_server`` (the LiveServer behind it),
+  ``hcx_server_url``, ``hcx_v2_server_url``, ``model_url`` (parametrized over "demo", "hcx" and
+  "hcx-v2") and ``make_server`` (a factory for servers with their own config, stopped after the
+  test). ``tiny_model(name, tmp_path_factory)`` / ``tiny_server(name, tmp_path_factory)`` give any
+  tiny model of ``_tiny_builders()`` (also the v2 variants and a text-only model) and a shared
+  server on it.
   Every model is built once per pytest process, every shared server started once, even when
   the fixtures are imported into several modules.
 - ``HCX_TEST_URL`` mode: when set, ``server_url`` is that URL and tests marked ``local_only``
@@ -29,6 +32,8 @@ What is here
   LA, grey, EXIF-rotated, GIF, WebP, BMP, 1x1, 40x3 ...), ``b64()`` encodes them (optionally
   with a data: URL prefix and line wrapping).
 - HTTP: ``post()`` and ``stream_chunks()`` (the raw HTTP chunks of a streamed answer).
+- Node.js: ``node_packages_ready()`` (``npm ci`` in tests/node when a locked package is missing;
+  skips without node) and ``run_node()`` (a tests/node script's one-line JSON summary).
 """
 
 from __future__ import annotations
@@ -271,32 +276,43 @@ _MODELS: dict[str, Path] = {}
 _SERVERS: dict[str, list] = {}  # key -> [LiveServer | Exception, refcount]
 
 
+def _tiny_builders() -> dict[str, Callable[[Path], Path]]:
+    """Every tiny model the suite builds, by name (all random weights, all offline)."""
+    import server
+    from tests.tiny_models import build_tiny_hcx, build_tiny_hcx_v2, build_tiny_text_model
+
+    return {
+        "demo": server.build_demo_model,  # tiny LLaVA: the generic image-text-to-text path
+        "hcx": lambda path: build_tiny_hcx(path, seed=0),  # HCX remote code, first revision (hcx-v1)
+        "hcx-v2": lambda path: build_tiny_hcx_v2(path, seed=0),  # later revision; processor leaves 1 placeholder
+        # later revision, the other way round: the processor expands placeholders, the template is the tokenizer's
+        "hcx-v2-expanding": lambda path: build_tiny_hcx_v2(path, seed=0, expand_image_placeholders=True,
+                                                           template_on="tokenizer"),
+        "hcx-v2-broken": lambda path: build_tiny_hcx_v2(path, seed=0, query_length_offset=1),  # wrong counts
+        "text": lambda path: build_tiny_text_model(path, seed=0),  # a causal LM without vision
+    }
+
+
+def tiny_model(name: str, tmp_path_factory) -> Path:
+    """The tiny model `name` (see _tiny_builders), built once per pytest process."""
+    if name not in _MODELS:
+        _MODELS[name] = Path(_tiny_builders()[name](tmp_path_factory.mktemp(f"tiny-{name}-model")))
+    return _MODELS[name]
+
+
 def _demo_dir(tmp_path_factory) -> Path:
-    if "demo" not in _MODELS:
-        import server
-
-        _MODELS["demo"] = server.build_demo_model(tmp_path_factory.mktemp("demo-model"))
-    return _MODELS["demo"]
-
-
-def tiny_hcx_builder() -> Callable[..., Path] | None:
-    """tests.tiny_models.build_tiny_hcx, or None when that module is not there (yet)."""
-    try:
-        from tests.tiny_models import build_tiny_hcx
-    except ModuleNotFoundError as exc:
-        if exc.name in ("tests.tiny_models",):
-            return None
-        raise
-    return build_tiny_hcx
+    return tiny_model("demo", tmp_path_factory)
 
 
 def _hcx_dir(tmp_path_factory) -> Path:
-    if "hcx" not in _MODELS:
-        build = tiny_hcx_builder()
-        if build is None:
-            pytest.skip("tests/tiny_models.py (build_tiny_hcx) is not available")
-        _MODELS["hcx"] = Path(build(tmp_path_factory.mktemp("tiny-hcx-model"), seed=0))
-    return _MODELS["hcx"]
+    return tiny_model("hcx", tmp_path_factory)
+
+
+def tiny_server(name: str, tmp_path_factory):
+    """A context manager: the session's shared LiveServer on tiny model `name`, default config."""
+    skip_if_live(f"the tiny {name} server")
+    model = tiny_model(name, tmp_path_factory)
+    return _shared_server(name, lambda: LiveServer(model, name=f"hcx-{name}-server"))
 
 
 @contextlib.contextmanager
@@ -365,10 +381,8 @@ def server_url(tmp_path_factory) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def hcx_server(tmp_path_factory) -> Iterator[LiveServer]:
-    """A session LiveServer on the tiny HCX remote-code model (skips when unavailable or live)."""
-    skip_if_live("the tiny HCX server")
-    model = _hcx_dir(tmp_path_factory)
-    with _shared_server("hcx", lambda: LiveServer(model, name="hcx-tiny-hcx-server")) as srv:
+    """A session LiveServer on the tiny HCX remote-code model, first revision (skips when live)."""
+    with tiny_server("hcx", tmp_path_factory) as srv:
         yield srv
 
 
@@ -377,10 +391,24 @@ def hcx_server_url(hcx_server) -> str:
     return hcx_server.url
 
 
-@pytest.fixture(params=["demo", "hcx"])
+@pytest.fixture(scope="session")
+def hcx_v2_model_dir(tmp_path_factory) -> Path:
+    """A tiny random HCX model of the later revision (processor_config.json -> HCXProcessor)."""
+    return tiny_model("hcx-v2", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def hcx_v2_server_url(tmp_path_factory) -> Iterator[str]:
+    with tiny_server("hcx-v2", tmp_path_factory) as srv:
+        yield srv.url
+
+
+@pytest.fixture(params=["demo", "hcx", "hcx-v2"])
 def model_url(request) -> str:
-    """Base URL of a server on the demo model (or HCX_TEST_URL), then on the tiny HCX model."""
-    return request.getfixturevalue("server_url" if request.param == "demo" else "hcx_server_url")
+    """Base URL of a server on the demo model (or HCX_TEST_URL), then on the tiny HCX models of
+    both revisions."""
+    return request.getfixturevalue({"demo": "server_url", "hcx": "hcx_server_url",
+                                    "hcx-v2": "hcx_v2_server_url"}[request.param])
 
 
 @pytest.fixture
@@ -531,6 +559,42 @@ def stream_chunks(base: str, path: str, body: Any, params: Mapping[str, str] | N
                 chunks.append(chunk)
                 times.append(time.perf_counter() - started)
     return resp, chunks, times
+
+
+# ----------------------------------------------------------------------------------------
+# Node.js clients (tests/node: Caret's MCP SDK 1.11.1, a current MCP SDK, the MCP Inspector, openai
+# npm, the Vercel AI SDK), locked in tests/node/package-lock.json
+# ----------------------------------------------------------------------------------------
+
+NODE_DIR = REPO_ROOT / "tests" / "node"
+
+
+def node_packages_ready() -> str:
+    """The `node` binary, after `npm ci` in tests/node when a package of package.json is missing
+    there (a checkout from before it was added); skips when node or npm is not installed."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if not node or not npm:
+        pytest.skip(f"node/npm not installed (node={node}, npm={npm}); install Node.js >= 18 to run the "
+                    "JavaScript client tests")
+    wanted = json.loads((NODE_DIR / "package.json").read_text())["dependencies"]
+    if not all((NODE_DIR / "node_modules" / name / "package.json").is_file() for name in wanted):
+        proc = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, capture_output=True,
+                              text=True, timeout=600, env=clean_env())
+        assert proc.returncode == 0, f"npm ci failed in {NODE_DIR}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return node
+
+
+def run_node(args: list[str], timeout: float = 300, env: Mapping[str, Any] | None = None) -> dict:
+    """Run a node script of tests/node that prints ONE JSON summary as its last line; fail with its
+    stderr when it exits non-zero or reports {"fatal": ...}."""
+    proc = subprocess.run(args, cwd=NODE_DIR, capture_output=True, text=True, timeout=timeout, env=clean_env(env))
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert lines, f"no output (exit {proc.returncode}); stderr:\n{proc.stderr[-3000:]}"
+    summary = json.loads(lines[-1])
+    assert proc.returncode == 0 and "fatal" not in summary, (
+        f"{args[1]} failed (exit {proc.returncode}) after steps {summary.get('steps')}:\n"
+        f"{summary.get('fatal')}\nstderr:\n{proc.stderr[-3000:]}")
+    return summary
 
 
 def assert_error_json(resp, status: int, *words: str) -> dict:

@@ -297,6 +297,75 @@ def test_allowed_origins_exact_refuses_others(app_origin, origin):
 
 
 # ----------------------------------------------------------------------------------------
+# Browsers and webviews: the openai JS SDK's X-Stainless-* headers, VS Code's vscode-webview://
+# ----------------------------------------------------------------------------------------
+
+STAINLESS = ("x-stainless-os", "x-stainless-lang", "x-stainless-package-version", "x-stainless-runtime",
+             "x-stainless-runtime-version", "x-stainless-arch", "x-stainless-retry-count", "x-stainless-timeout")
+WEBVIEW = "vscode-webview://1m2n3o4p5q6r7s8t9u0v"
+
+
+@pytest.fixture(scope="module")
+def webview(demo_model_dir):
+    env = {**BASE_ENV, "ALLOWED_ORIGINS": "vscode-webview://*,http://localhost:*"}
+    with LiveServer(demo_model_dir, env=env, name="hcx-webview") as srv:
+        yield srv
+
+
+def preflight(srv: LiveServer, path: str, origin: str, headers: str) -> requests.Response:
+    return requests.options(srv.url + path, timeout=TIMEOUT, headers={
+        "Origin": origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": headers})
+
+
+@pytest.mark.parametrize("path", [CHAT, "/v1/responses", "/api/chat", MCP])
+def test_preflight_allows_the_headers_a_browser_sdk_sends(keyed, path):
+    """What Chrome sends before the openai JS SDK's first POST from a localhost page."""
+    resp = preflight(keyed, path, "http://localhost:5173", ", ".join(("authorization", "content-type", *STAINLESS)))
+    assert resp.status_code == 204, resp.text
+    assert resp.headers["Access-Control-Allow-Origin"] == "http://localhost:5173"
+    allowed = [h.strip().lower() for h in resp.headers["Access-Control-Allow-Headers"].split(",")]
+    for header in ("authorization", "content-type", "mcp-session-id", "mcp-protocol-version", *STAINLESS):
+        assert header in allowed, resp.headers
+    assert "access-control-request-headers" in resp.headers.get("Vary", "").lower()
+
+
+def test_preflight_from_a_foreign_origin_is_still_forbidden(keyed):
+    resp = preflight(keyed, CHAT, "http://evil.example", ", ".join(STAINLESS))
+    assert resp.status_code == 403
+    assert "Access-Control-Allow-Origin" not in resp.headers and "Access-Control-Allow-Headers" not in resp.headers
+
+
+def test_vscode_webview_is_refused_by_default(keyed):
+    resp = call(keyed, "POST", CHAT, ROUTES[5][3], {**bearer(), "Origin": WEBVIEW})
+    check_shape(resp, "openai", 403)
+
+
+@pytest.mark.parametrize("route", [r for r in ROUTES if r[0] in ("chat", "chat-stream", "mcp-initialize", "seed")],
+                         ids=lambda r: r[0])
+def test_vscode_webview_scheme_wildcard(webview, route):
+    _, method, path, body, _ = route
+    pre = preflight(webview, path, WEBVIEW, "content-type, x-stainless-os, mcp-protocol-version")
+    assert pre.status_code == 204 and pre.headers["Access-Control-Allow-Origin"] == WEBVIEW, pre.headers
+    assert "x-stainless-os" in pre.headers["Access-Control-Allow-Headers"].lower()
+    resp = call(webview, method, path, body, {"Origin": WEBVIEW})
+    assert resp.status_code == 200, resp.text[:300]
+    assert resp.headers["Access-Control-Allow-Origin"] == WEBVIEW
+    exposed = resp.headers["Access-Control-Expose-Headers"].lower()
+    assert "mcp-session-id" in exposed and "x-request-id" in exposed
+    if path == MCP:
+        assert resp.headers.get("Mcp-Session-Id")
+
+
+@pytest.mark.parametrize("origin", ["vscode-file://vscode-app", "vscode-webview://", "http://evil.example",
+                                    "https://localhost:3000", "null"])
+def test_vscode_webview_wildcard_refuses_others(webview, origin):
+    resp = call(webview, "POST", CHAT, ROUTES[5][3], {"Origin": origin})
+    check_shape(resp, "openai", 403)
+    assert "Access-Control-Allow-Origin" not in resp.headers
+    assert preflight(webview, CHAT, origin, "content-type").status_code == 403
+
+
+# ----------------------------------------------------------------------------------------
 # LOG_PROMPTS
 # ----------------------------------------------------------------------------------------
 

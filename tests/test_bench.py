@@ -10,6 +10,7 @@ import re
 
 import torch
 
+import server
 from benchmarks import bench
 from tests.fixtures import run_cli
 
@@ -41,15 +42,22 @@ def test_sse_parsing_joins_content_deltas_and_times_them():
     assert bench._cadence([1.0, 1.5, 3.0]) == 1.0
 
 
-def test_full_size_model_has_hcx_like_shapes():
-    from transformers import Idefics3ForConditionalGeneration
+def test_full_size_model_has_hcx_shapes_in_the_hcx_format(tmp_path):
+    """The --full model is the tiny HCX v2 package at the real shapes (here on the meta device, with
+    the tiny tokenizer: the vocabulary is set to the full one's size)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    processor, config = bench.full_model_parts()
+    from tests import tiny_models
+
+    text = {**bench.FULL_TEXT, "vocab_size": bench.FULL_VOCAB}
+    tiny_models.write_hcx_v2_folder(tmp_path, tiny_models.build_tiny_hcx_tokenizer(), text=text,
+                                    vision=bench.FULL_VISION, grid=bench.FULL_GRID)
+    config = AutoConfig.from_pretrained(tmp_path, trust_remote_code=True)
     with torch.device("meta"):
-        model = Idefics3ForConditionalGeneration(config)
-    total, decode = bench._weight_bytes(model)  # meta params still report their element size
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=True)
     params = sum(p.numel() for p in model.parameters())
-    vision = sum(p.numel() for n, p in model.named_parameters() if "vision_model" in n)
-    assert 3.5e9 < params < 3.8e9 and 0.40e9 < vision < 0.45e9
-    assert 3.1e9 < decode / 4 < 3.3e9  # fp32 meta: decoder + tied lm_head, no vision, no connector
-    assert processor.image_seq_len == 81 and config.vision_config.image_size == 378
+    vision = sum(p.numel() for mod in server.vision_modules(model) for p in mod.parameters())
+    total, decode = bench._weight_bytes(model)  # meta params still report their element size
+    assert 3.5e9 < params < 3.8e9 and 0.40e9 < vision < 0.46e9, (params, vision)
+    assert 3.1e9 < decode / 4 < 3.4e9  # fp32 meta: decoder + lm_head, no vision, no input embedding
+    assert model.mm_projector.side ** 2 == 81 and config.vision_config["image_size"] == 378

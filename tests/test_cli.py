@@ -34,7 +34,8 @@ def plan(demo: str, files: dict) -> dict:
         "describe_stdin_json": ((*m, "describe", "-", "--json", *SAMPLING), None, image_bytes("png")),
         "ask_demo_stream": (("--demo", *ASK), {"DEMO_MODEL_DIR": demo}, None),
         "ask_json": ((*m, *ASK, "--json"), None, None),
-        "selfcheck": ((*m, "selfcheck", "--max-tokens", MAX_TOKENS), None, None),
+        "selfcheck": (("--demo", "selfcheck", "--max-tokens", MAX_TOKENS), {"DEMO_MODEL_DIR": demo}, None),
+        "selfcheck_random_weights": ((*m, "selfcheck", "--max-tokens", MAX_TOKENS), None, None),
         # runs that stop before (or instead of) loading
         "download_local": ((*m, "download"), None, None),
         "bad_path": ((*m, "describe", files["missing"]), None, None),
@@ -225,6 +226,28 @@ def test_selfcheck_prints_timings(runs, demo):
     assert 1 <= int(numbers["completion_tokens"]) <= int(MAX_TOKENS)
     assert int(numbers["prompt_tokens"]) > 1
     assert demo in text  # says which model it loaded
+    assert "generic" in text  # ... and which interface
+
+
+def test_selfcheck_on_the_demo_skips_the_known_answers_but_checks_the_loop(runs):
+    lines = ok(runs["selfcheck"]).splitlines()
+    assert "known-answer checks are skipped" in "\n".join(lines)
+    cases = [line for line in lines if re.match(r"\[(PASS|FAIL|SKIP)\] (digits|colour|word)-", line)]
+    assert len(cases) == 5 and all(line.startswith("[SKIP]") for line in cases), cases
+    loop = [line for line in lines if "decode loop vs model.generate" in line]
+    assert len(loop) == 2 and all(line.startswith("[PASS]") for line in loop), loop
+    assert lines[-1] == "selfcheck: PASS"
+
+
+def test_selfcheck_fails_random_weights_on_the_known_answers(runs):
+    """Random weights read no digits: the known-answer test must say FAIL and exit 1."""
+    done = runs["selfcheck_random_weights"]
+    out = done.stdout.decode("utf-8")
+    assert done.returncode == 1, out + done.stderr.decode(errors="replace")[-2000:]
+    cases = [line for line in out.splitlines() if re.match(r"\[(PASS|FAIL)\] (digits|colour|word)-", line)]
+    assert len(cases) == 5 and any(line.startswith("[FAIL]") for line in cases), cases
+    assert sum("[PASS] decode loop vs model.generate" in line for line in out.splitlines()) == 2
+    assert out.strip().splitlines()[-1] == "selfcheck: FAIL"
 
 
 def test_download_local_complete_folder_prints_its_path(runs, demo):

@@ -192,6 +192,17 @@ def _failure_cases():
                                                      "image_url": {"url": "data:image/png;base64," + IMAGE_B64}}]}]}),
         "mcp-prefill": (MCP, tools_call({"prompt": OVER_64, "max_tokens": 8})),
         "mcp-mid-generation": (MCP, tools_call(mid)),
+        "responses-json-prefill": ("/v1/responses", {"input": OVER_64, "max_output_tokens": 8}),
+        "responses-stream-mid-generation": ("/v1/responses", {
+            "stream": True, "max_output_tokens": 60, "min_tokens": 60,
+            "input": [{"role": "user", "content": [{"type": "input_text", "text": "Describe."},
+                                                   {"type": "input_image",
+                                                    "image_url": "data:image/png;base64," + IMAGE_B64}]}]}),
+        "ollama-json-prefill": ("/api/generate", {"model": "m", "prompt": OVER_64, "stream": False,
+                                                  "options": {"num_predict": 8}}),
+        "ollama-stream-mid-generation": ("/api/chat", {
+            "model": "m", "options": {"num_predict": 60, "min_tokens": 60},
+            "messages": [{"role": "user", "content": "Describe.", "images": [IMAGE_B64]}]}),
     }
 
 
@@ -227,6 +238,24 @@ def test_generation_failure_is_reported(short_srv, case):
         assert "error" in payloads[-1], "the error must be the last event"
         if "mid" in case:
             assert sum(1 for p in payloads if p.get("choices") and p["choices"][0]["delta"].get("content")) > 0
+    elif case == "responses-json-prefill":
+        err = check_openai_error(resp, 500, code="generation_failed")
+        assert "generation failed" in err["message"], err
+    elif case.startswith("responses-stream"):
+        assert resp.status_code == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
+        payloads = [json.loads(line[len("data: "):]) for line in text.split("\n") if line.startswith("data: ")]
+        assert payloads[-1]["type"] == "response.failed", [p["type"] for p in payloads]
+        failed = payloads[-1]["response"]
+        assert failed["status"] == "failed" and "generation failed" in failed["error"]["message"], failed
+        assert sum(1 for p in payloads if p["type"] == "response.output_text.delta") > 0
+    elif case == "ollama-json-prefill":
+        assert resp.status_code == 500 and list(resp.json()) == ["error"], text[:300]
+        assert "generation failed" in resp.json()["error"]
+    elif case.startswith("ollama-stream"):
+        assert resp.status_code == 200 and resp.headers["Content-Type"].startswith("application/x-ndjson")
+        lines = [json.loads(line) for line in text.splitlines()]
+        assert list(lines[-1]) == ["error"] and "generation failed" in lines[-1]["error"], lines[-1]
+        assert len(lines) > 1 and all(line["done"] is False for line in lines[:-1])
     else:  # MCP
         message = check_tool_result(resp, is_error=True)
         assert "generation failed" in message, message

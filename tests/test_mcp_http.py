@@ -694,3 +694,166 @@ def test_cancel_from_another_session_is_ignored(url):
     thread.join(TIMEOUT)
     final = outcome["messages"][-1]
     assert final["id"] == 99 and final.get("result", {}).get("isError") is False, final
+
+
+# ----------------------------------------------------------------------------------------
+# the modern era (2026-07-28): no handshake, no session, _meta and headers on every request
+# ----------------------------------------------------------------------------------------
+
+MODERN = "2026-07-28"
+
+
+def modern_meta(version: str = MODERN, **extra) -> dict:
+    return {"io.modelcontextprotocol/protocolVersion": version, "io.modelcontextprotocol/clientCapabilities": {},
+            "io.modelcontextprotocol/clientInfo": {"name": "raw-http-test", "version": "0"}, **extra}
+
+
+def modern_post(url: str, method: str, params: dict | None = None, msg_id=1, headers: dict | None = None,
+                version: str = MODERN, **kwargs) -> requests.Response:
+    """A modern request with the headers the spec requires (override or drop them with `headers`)."""
+    params = {**(params or {}), "_meta": {**modern_meta(version), **(params or {}).get("_meta", {})}}
+    hdrs = {"MCP-Protocol-Version": version, "Mcp-Method": method}
+    if method == "tools/call":
+        hdrs["Mcp-Name"] = params.get("name", "")
+    hdrs = {k: v for k, v in {**hdrs, **(headers or {})}.items() if v is not None}
+    return post(url, request_msg(method, params, msg_id), headers=hdrs, **kwargs)
+
+
+def modern_result(resp: requests.Response, msg_id=1) -> dict:
+    assert resp.status_code == 200, resp.text[:500]
+    assert "Mcp-Session-Id" not in resp.headers, "the modern era has no sessions"
+    body = resp.json()
+    assert body["id"] == msg_id and "result" in body, body
+    result = body["result"]
+    assert result["resultType"] == "complete", result
+    assert result["_meta"]["io.modelcontextprotocol/serverInfo"]["name"] == "hcx-server", result
+    return result
+
+
+def test_modern_discover(url):
+    result = modern_result(modern_post(url, "server/discover"))
+    assert result["supportedVersions"][-1] == MODERN and set(SUPPORTED_VERSIONS) < set(result["supportedVersions"])
+    assert result["capabilities"]["tools"] is not None and TOOL in result["instructions"]
+    assert result["cacheScope"] in ("public", "private") and isinstance(result["ttlMs"], int)
+
+
+def test_modern_tools_list_and_call_without_any_handshake(url):
+    listed = modern_result(modern_post(url, "tools/list", msg_id="l"), "l")
+    assert [t["name"] for t in listed["tools"]] == [TOOL] and listed["ttlMs"] >= 0
+    for args in ({}, {"image_base64": b64(image_bytes("png"))}):
+        result = modern_result(modern_post(url, "tools/call", call_params(4, **args), msg_id=7, headers=JSON_ONLY), 7)
+        assert result["isError"] is False and result["content"][0]["type"] == "text"
+
+
+def test_modern_call_with_progress_over_sse(url):
+    params = call_params(6, min_tokens=6)
+    params["_meta"] = {"progressToken": "mp"}
+    with modern_post(url, "tools/call", params, msg_id=8, stream=True) as resp:
+        assert resp.status_code == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
+        messages = sse_messages(resp)
+    assert messages[-1]["id"] == 8 and messages[-1]["result"]["resultType"] == "complete"
+    values = progress_values(messages, "mp")
+    assert len(values) >= 2 and values[-1] <= 6
+
+
+def test_modern_bad_tool_input_is_an_error_result(url):
+    result = modern_result(modern_post(url, "tools/call", call_params(2, image_base64="%%%")))
+    assert result["isError"] is True and "image_base64" in result["content"][0]["text"]
+
+
+@pytest.mark.parametrize("method", ["ping", "initialize", "resources/list", "logging/setLevel"])
+def test_modern_unknown_method_is_404(url, method):
+    resp = modern_post(url, method, msg_id="m")
+    assert resp.status_code == 404, resp.text
+    body = resp.json()
+    assert body["id"] == "m"
+    assert method in error_of(body, -32601)["message"]
+
+
+def test_modern_unknown_tool_is_invalid_params_400(url):
+    resp = modern_post(url, "tools/call", {"name": "nope", "arguments": {}}, msg_id=3)
+    assert resp.status_code == 400 and resp.json()["id"] == 3
+    error_of(resp.json(), -32602)
+
+
+@pytest.mark.parametrize("headers, words", [
+    ({"MCP-Protocol-Version": None}, ["MCP-Protocol-Version", "required"]),
+    ({"Mcp-Method": None}, ["Mcp-Method"]),
+    ({"Mcp-Method": "tools/list"}, ["Mcp-Method", "tools/call"]),
+    ({"Mcp-Name": None}, ["Mcp-Name"]),
+    ({"Mcp-Name": "other_tool"}, ["Mcp-Name"]),
+    ({"Mcp-Name": "=?base64?!!!?="}, ["Mcp-Name"]),
+], ids=["no_version_header", "no_method_header", "wrong_method", "no_name", "wrong_name", "bad_base64_name"])
+def test_modern_header_mismatch_is_400_with_the_id(url, headers, words):
+    resp = modern_post(url, "tools/call", call_params(2), msg_id=41, headers=headers)
+    assert resp.status_code == 400, resp.text
+    body = resp.json()
+    assert body["id"] == 41
+    message = error_of(body, -32020)["message"]
+    for word in words:
+        assert word in message, message
+
+
+def test_modern_name_header_may_be_base64(url):
+    encoded = "=?base64?" + b64(TOOL.encode()) + "?="
+    result = modern_result(modern_post(url, "tools/call", call_params(2), headers={"Mcp-Name": encoded, **JSON_ONLY}))
+    assert result["isError"] is False
+
+
+def test_modern_header_and_body_versions_must_agree(url):
+    resp = modern_post(url, "tools/list", {"_meta": {"io.modelcontextprotocol/protocolVersion": "2025-11-25"}})
+    assert resp.status_code == 400
+    error_of(resp.json(), -32020)
+
+
+def test_modern_envelope_is_required(url):
+    resp = post(url, request_msg("tools/list", {}, 5), headers={"MCP-Protocol-Version": MODERN, "Mcp-Method": "tools/list"})
+    assert resp.status_code == 400 and resp.json()["id"] == 5
+    error_of(resp.json(), -32602)
+    params = {"_meta": {"io.modelcontextprotocol/clientCapabilities": None}}
+    resp = modern_post(url, "tools/list", params)
+    assert resp.status_code == 400
+    assert "clientCapabilities" in error_of(resp.json(), -32602)["message"]
+
+
+@pytest.mark.parametrize("session", [False, True], ids=["sessionless", "with_unknown_session"])
+def test_unsupported_version_in_header_and_body_is_32022(url, session):
+    headers = {"Mcp-Session-Id": "0123-not-a-session"} if session else None
+    resp = modern_post(url, "tools/list", msg_id=6, version="2099-01-01", headers=headers)
+    assert resp.status_code == 400, resp.text
+    body = resp.json()
+    assert body["id"] == 6
+    error = error_of(body, -32022)
+    assert error["data"]["requested"] == "2099-01-01" and MODERN in error["data"]["supported"]
+
+
+def test_unsupported_version_header_without_session_is_32022(url):
+    resp = post(url, request_msg("tools/list", {}, "v"), headers={"MCP-Protocol-Version": "2099-01-01"})
+    assert resp.status_code == 400 and resp.json()["id"] == "v"
+    assert set(error_of(resp.json(), -32022)["data"]["supported"]) >= {MODERN, *SUPPORTED_VERSIONS}
+
+
+def test_session_fixes_the_handshake_era(url):
+    """A modern version header inside a handshake session is refused, echoing the request id."""
+    session = session_for(url)
+    resp = post(url, request_msg("tools/list", {}, 77), session=session, headers={"MCP-Protocol-Version": MODERN})
+    assert resp.status_code == 400 and resp.json()["id"] == 77
+    assert MODERN in error_of(resp.json(), -32600)["message"]
+
+
+def test_modern_batch_is_invalid_and_notifications_are_accepted(url):
+    resp = post(url, [request_msg("tools/list", {"_meta": modern_meta()})],
+                headers={"MCP-Protocol-Version": MODERN, "Mcp-Method": "tools/list"})
+    assert resp.status_code == 400
+    error_of(resp.json(), -32600)
+    resp = post(url, notification_msg("notifications/cancelled", {"requestId": 1}),
+                headers={"MCP-Protocol-Version": MODERN, "Mcp-Method": "notifications/cancelled"})
+    assert resp.status_code == 202 and resp.content == b""
+
+
+def test_both_eras_on_one_endpoint(url):
+    """Caret's handshake session keeps working between modern requests."""
+    session = session_for(url)
+    modern_result(modern_post(url, "tools/list"))
+    assert rpc(url, "tools/list", {}, session=session)["result"]["tools"]
+    assert "resultType" not in rpc(url, "tools/list", {}, session=session)["result"], "handshake-era results unchanged"

@@ -55,16 +55,11 @@ def greedy(m: server.LoadedModel, with_image: bool):
 
 
 def engine_ids(m: server.LoadedModel, with_image: bool) -> list[int]:
-    """Token ids through the server's own run_generation (streamer path)."""
+    """Token ids through the server's own run_generation (our decode loop, or model.generate for hf)."""
     req = request_for(m, with_image)
     job = server.Job(req, server.build_inputs(m, req), TOKENS)
     server.run_generation(m, job)
-    ids = []
-    while not job.events.empty():
-        kind, value = job.events.get_nowait()
-        if kind == "token":
-            ids.append(value)
-    return ids
+    return server.drain_tokens(job)
 
 
 _REFERENCE: dict = {}
@@ -239,16 +234,19 @@ def test_gemv_backend_falls_back_to_eager_with_a_log_line(demo_model_dir, caplog
     assert loaded(demo_model_dir, "bfloat16", backend="eager").generation_backend == "eager"
 
 
-def test_static_backend_is_for_cuda_and_falls_back_with_a_log_line(demo_model_dir, caplog):
+def test_static_backend_on_cpu_is_the_static_cache_uncompiled(demo_model_dir, caplog):
+    """On a CPU `static` means the static KV cache without torch.compile (CUDA graphs are CUDA's);
+    requests that fit reuse the one cache made at load, longer ones decode on a dynamic cache."""
     with caplog.at_level(logging.INFO, logger="hcx"):
         m = loaded(demo_model_dir, "bfloat16", backend="static")
-    assert m.generation_backend == "eager" and "for CUDA GPUs" in caplog.text
-    assert server.static_cache_kwargs(m, 10) == {}
-    m.generation_backend = "static"  # as prepared on a GPU: requests that fit the cache use it, longer ones not
-    limit = server.static_cache_tokens(m)
-    assert limit == min(server.STATIC_CACHE_TOKENS, m.context_length)
-    assert server.static_cache_kwargs(m, limit) == {"cache_implementation": "static"}
-    assert server.static_cache_kwargs(m, limit + 1) == {}
+    assert m.generation_backend == "static" and "uncompiled on CPU" in caplog.text
+    assert m.static is not None and not m.static.compiled
+    assert m.static.tokens == server.static_cache_tokens(m) == min(server.STATIC_CACHE_TOKENS, m.context_length)
+    with torch.inference_mode(), caplog.at_level(logging.INFO, logger="hcx"):  # the loop runs in inference mode
+        cache, step = server.new_cache(m, m.static.tokens)
+        longer, _ = server.new_cache(m, m.static.tokens + 1)
+    assert cache is m.static.cache and step is server.decode_one_token
+    assert longer is not m.static.cache and "exceeds the" in caplog.text
 
 
 def test_gemv_backend_keeps_streaming_stops_and_cancel(demo_model_dir):

@@ -483,3 +483,88 @@ def test_generate_equals_stream_and_counts_tokens(engine):
     assert whole.finish_reason == "length"
     assert "QZX-unique-prompt-314" not in whole.text
     assert all(not p.endswith("\ufffd") for p in pieces[:-1])
+
+
+# ======================================================================================
+# Origins, CORS preflight headers, and the request parsers of the Responses and Ollama APIs
+# ======================================================================================
+
+
+@pytest.mark.parametrize("origin, allowed", [
+    ("vscode-webview://1a2b3c4d5e", True), ("VSCODE-WEBVIEW://ABC", True), ("vscode-webview://", False),
+    ("vscode-webview://a/b", False), ("vscode-file://vscode-app", False), ("http://localhost:5173", True),
+    ("http://localhost:x", False), ("https://app.example", True), ("https://app.example:8443", False),
+    ("null", False), ("http://evil.example", False),
+])
+def test_origin_allowed_with_scheme_and_port_wildcards(origin, allowed):
+    entries = load_config({"ALLOWED_ORIGINS": "vscode-webview://*, http://localhost:*, https://app.example"})
+    assert server.origin_allowed(origin, entries.allowed_origins) is allowed
+
+
+@pytest.mark.parametrize("value", ["vscode-webview", "*.example.com", "http://a/b", "vscode-webview:*"])
+def test_allowed_origins_bad_entry_is_a_config_error(value):
+    with pytest.raises(ConfigError, match="ALLOWED_ORIGINS"):
+        load_config({"ALLOWED_ORIGINS": value})
+
+
+def test_preflight_headers_echo_what_the_page_asks_for():
+    allowed = server.preflight_allowed_headers("X-Stainless-OS, x-stainless-lang,Content-Type, bad header, ,a:b")
+    names = [h.lower() for h in allowed.split(", ")]
+    assert {"x-stainless-os", "x-stainless-lang", "authorization", "mcp-session-id", "mcp-protocol-version"} <= set(names)
+    assert len(names) == len(set(names)), "listed once each"
+    assert "bad header" not in names and "a:b" not in names
+
+
+def test_responses_request_builds_messages():
+    body = {"instructions": "Be brief.", "max_output_tokens": 7, "temperature": 0, "input": [
+        {"role": "developer", "content": "Korean only."},
+        {"role": "user", "content": [{"type": "input_text", "text": "What?"},
+                                     {"type": "input_image", "image_url": b64(image_bytes("png"), data_url=True)}]},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "A square."}]},
+        {"type": "item_reference", "id": "msg_1"},
+        {"role": "user", "content": "And?"}]}
+    req = server.responses_request(body, CFG, recall={"msg_1": "Red."}.get)
+    assert [(m.role, m.text, len(m.images)) for m in req.messages] == [
+        ("system", "Be brief.", 0), ("system", "Korean only.", 0), ("user", "What?", 1),
+        ("assistant", "A square.", 0), ("assistant", "Red.", 0), ("user", "And?", 0)]
+    assert req.max_new_tokens == 7 and req.max_tokens_explicit and req.temperature == 0
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"input": "x", "store": True}, "store"), ({"input": "x", "reasoning": {"effort": "high"}}, "reasoning"),
+    ({"input": [{"type": "item_reference", "id": "msg_gone"}]}, "input[0]"),
+    ({"input": [{"role": "assistant", "content": [{"type": "input_image", "image_url": "data:,"}]}]},
+     "input[0].content[0]"),
+])
+def test_responses_request_rejects(body, param):
+    with pytest.raises(InputError) as info:
+        server.responses_request(body, CFG)
+    assert info.value.param == param
+
+
+def test_ollama_requests_build_messages_and_sampling():
+    png = b64(image_bytes("png"))
+    chat = server.ollama_chat_request({"model": "m", "messages": [
+        {"role": "user", "content": "Hi", "images": [png, png]}, {"role": "assistant", "content": None}],
+        "options": {"num_predict": 9, "temperature": 0.3, "top_p": 0.5, "seed": 3, "stop": ["x"], "num_ctx": 8192}},
+        CFG)
+    assert [(m.role, m.text, len(m.images)) for m in chat.messages] == [("user", "Hi", 2), ("assistant", "", 0)]
+    assert (chat.max_new_tokens, chat.temperature, chat.top_p, chat.seed, chat.stop) == (9, 0.3, 0.5, 3, ("x",))
+    gen = server.ollama_generate_request({"model": "m", "prompt": "Go", "system": "Sys", "images": [png],
+                                          "options": {"num_predict": -1}}, CFG)
+    assert [(m.role, m.text, len(m.images)) for m in gen.messages] == [("system", "Sys", 0), ("user", "Go", 1)]
+    assert gen.max_new_tokens == CFG.max_new_tokens and not gen.max_tokens_explicit
+    assert server.ollama_generate_request({"model": "m", "prompt": ""}, CFG) is None
+    assert server.ollama_chat_request({"model": "m", "messages": []}, CFG) is None
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"model": "m", "prompt": "x", "options": {"mirostat": 2}}, "options.mirostat"),
+    ({"model": "m", "prompt": "x", "options": {"num_predict": 10**9}}, "num_predict"),
+    ({"model": "m", "prompt": "x", "raw": True}, "raw"), ({"prompt": "x"}, "model"),
+    ({"model": "m", "prompt": "x", "images": "abc"}, "images"),
+])
+def test_ollama_generate_request_rejects(body, param):
+    with pytest.raises(InputError) as info:
+        server.ollama_generate_request(body, CFG)
+    assert info.value.param == param

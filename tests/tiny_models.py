@@ -2,7 +2,9 @@
 
 ``build_tiny_hcx(path, seed=0)`` writes a remote-code model directory that follows the
 first-revision interface of naver-hyperclovax/HyperCLOVAX-SEED-Vision-Instruct-3B
-(see tests/tiny_hcx/REAL_INTERFACE.md) and loads offline with::
+(see tests/tiny_hcx/REAL_INTERFACE.md); ``build_tiny_hcx_v2(path, ...)`` one that follows the
+later revision (processor_config.json -> processing_hyperclovax.HCXProcessor, tests/tiny_hcx_v2/),
+with its unconfirmed details as options. Both load offline with::
 
     AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, torch_dtype=...)
     AutoProcessor.from_pretrained(path, trust_remote_code=True)
@@ -159,8 +161,6 @@ def _write_json(path: Path, data) -> None:
 
 def build_tiny_hcx(path: str | Path, seed: int = 0) -> Path:
     """Write a tiny, offline-loadable HCX-like remote-code model directory to ``path``."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -237,6 +237,86 @@ def build_tiny_hcx(path: str | Path, seed: int = 0) -> Path:
         },
     )
 
+    save_random_model(path, config, seed)
+    return path
+
+
+# -- the later revision ("New Processor, Model for vLLM") ------------------------------------
+
+TINY_HCX_V2_SRC = Path(__file__).resolve().parent / "tiny_hcx_v2"
+TINY_HCX_V2_CODE_FILES = ("configuration_hyperclovax.py", "modeling_hyperclovax.py", "processing_hyperclovax.py")
+
+# OpenAI-style content lists (a string is accepted too); ONE <|dummy3|> per image part.
+CHAT_TEMPLATE_V2 = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{- '<|dummy3|>\\n' -}}"
+    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}"
+    "{%- else -%}{{- raise_exception('unknown content part type ' + part['type']) -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}{{- '<|im_end|><|endofturn|>\\n' -}}"
+    "{%- else -%}{{- '<|im_end|>\\n' -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+
+TINY_V2_TEXT = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": MAX_POSITION_EMBEDDINGS,
+                "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False}
+TINY_V2_VISION = {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                  "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 32, "patch_size": 8,
+                  "num_channels": 3, "vision_use_head": False}
+TINY_V2_GRID = {"max_num_grids": 4, "num_queries_vis_abstractor_image": 4, "anyres": True, "use_1x1_grid": False}
+
+
+def write_hcx_v2_folder(path: Path, tokenizer, text: dict = TINY_V2_TEXT, vision: dict = TINY_V2_VISION,
+                        grid: dict = TINY_V2_GRID, expand_image_placeholders: bool = False,
+                        template_on: str = "processor", query_length_offset: int = 0, dtype: str = "float32") -> dict:
+    """Everything of a second-revision model folder but the weights: code, tokenizer, configs.
+    Returns config.json's content (its auto_map must survive save_pretrained)."""
+    if template_on not in ("processor", "tokenizer"):
+        raise ValueError("template_on must be 'processor' or 'tokenizer'")
+    path.mkdir(parents=True, exist_ok=True)
+    for name in TINY_HCX_V2_CODE_FILES:
+        shutil.copyfile(TINY_HCX_V2_SRC / name, path / name)
+    if template_on == "tokenizer":
+        tokenizer.chat_template = CHAT_TEMPLATE_V2
+    tokenizer.save_pretrained(path)
+    eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+    config = {
+        "architectures": ["HCXVisionForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_hyperclovax.HCXVisionConfig",
+                     "AutoModelForCausalLM": "modeling_hyperclovax.HCXVisionForCausalLM"},
+        "model_type": "hyperclovax_vlm",
+        "image_token_id": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        "video_token_id": tokenizer.convert_tokens_to_ids(VIDEO_TOKEN),
+        "use_nth_layer": -2, "unpad": False, "proj_pos_emb": True, "torch_dtype": dtype, **grid,
+        "text_config": {"vocab_size": len(tokenizer), **text, "bos_token_id": eos_id, "eos_token_id": eos_id,
+                        "pad_token_id": eos_id},
+        "vision_config": vision,
+    }
+    _write_json(path / "config.json", config)
+    _write_json(path / "preprocessor_config.json", {
+        "auto_map": {"AutoImageProcessor": "processing_hyperclovax.HCXImageProcessor"},
+        "image_processor_type": "HCXImageProcessor", "processor_class": "HCXProcessor",
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "grid_size": vision["image_size"], **grid})
+    _write_json(path / "processor_config.json", {
+        "auto_map": {"AutoProcessor": "processing_hyperclovax.HCXProcessor"}, "processor_class": "HCXProcessor",
+        "expand_image_placeholders": expand_image_placeholders, "query_length_offset": query_length_offset})
+    if template_on == "processor":
+        (path / "chat_template.jinja").write_text(CHAT_TEMPLATE_V2, encoding="utf-8")
+    return config
+
+
+def save_random_model(path: Path, config: dict, seed: int) -> None:
+    """The folder's remote-code model with seeded random weights, saved beside its code (the global
+    RNG is left as it was)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     hf_config = AutoConfig.from_pretrained(path, trust_remote_code=True)
     state = torch.random.get_rng_state()
     try:
@@ -245,8 +325,53 @@ def build_tiny_hcx(path: str | Path, seed: int = 0) -> Path:
     finally:
         torch.random.set_rng_state(state)
     model.save_pretrained(path, safe_serialization=True)
-    # save_pretrained rewrites config.json; keep the auto_map pointing at our files.
+    keep_auto_map(path, config)
+
+
+def keep_auto_map(path: Path, config: dict) -> None:
+    """save_pretrained rewrites config.json; point its auto_map at the folder's own code files again."""
     saved = json.loads((path / "config.json").read_text(encoding="utf-8"))
     saved["auto_map"] = config["auto_map"]
     _write_json(path / "config.json", saved)
+
+
+def build_tiny_hcx_v2(path: str | Path, seed: int = 0, expand_image_placeholders: bool = False,
+                      template_on: str = "processor", query_length_offset: int = 0) -> Path:
+    """A tiny, offline-loadable model folder of the second HCX revision.
+
+    expand_image_placeholders: the processor expands each <|dummy3|> itself (unconfirmed either way).
+    template_on: "processor" (the v2 template in chat_template.jinja; the tokenizer keeps the
+    first revision's template, which rejects content lists) or "tokenizer" (only the tokenizer has
+    the v2 template). query_length_offset != 0: a broken folder whose processor misreports the
+    vision token counts (the model then raises on the placeholder count).
+    """
+
+    path = Path(path)
+    config = write_hcx_v2_folder(path, build_tiny_hcx_tokenizer(), expand_image_placeholders=expand_image_placeholders,
+                                 template_on=template_on, query_length_offset=query_length_offset)
+    save_random_model(path, config, seed)
+    return path
+
+
+def build_tiny_text_model(path: str | Path, seed: int = 0) -> Path:
+    """A tiny text-only causal LM (Llama) with the HCX tokenizer and chat template, like the
+    text-only HyperCLOVA X SEED models: no vision part, no processor config."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tiny_hcx_tokenizer()
+    tokenizer.save_pretrained(path)
+    eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITION_EMBEDDINGS,
+                         bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id, tie_word_embeddings=False)
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    finally:
+        torch.random.set_rng_state(state)
+    model.save_pretrained(path, safe_serialization=True)
     return path

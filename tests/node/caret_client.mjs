@@ -10,17 +10,18 @@
 // listTools()/callTool() are exercised too. One extra call asks for progress (Caret does not)
 // so the SDK's own SSE parser reads the server's event stream.
 //
+// The same path also runs a current SDK: MCP_SDK=mcp-sdk-current (an npm alias of
+// @modelcontextprotocol/sdk 1.32, installed beside Caret's 1.11.1 in package.json).
+//
 // Prints ONE JSON object on stdout (the summary); exits 0 when the script ran to the end,
 // 1 with {"fatal": ...} when something threw. The Python test asserts on the summary.
 
 import { readFileSync } from "node:fs";
-import { Client } from "@modelcontextprotocol/sdk/client/index.js";
-import { StreamableHTTPClientTransport } from "@modelcontextprotocol/sdk/client/streamableHttp.js";
-import {
-  CallToolResultSchema,
-  ListToolsResultSchema,
-  LATEST_PROTOCOL_VERSION,
-} from "@modelcontextprotocol/sdk/types.js";
+
+const SDK = process.env.MCP_SDK || "@modelcontextprotocol/sdk";
+const { Client } = await import(`${SDK}/client/index.js`);
+const { StreamableHTTPClientTransport } = await import(`${SDK}/client/streamableHttp.js`);
+const { CallToolResultSchema, ListToolsResultSchema, LATEST_PROTOCOL_VERSION } = await import(`${SDK}/types.js`);
 
 const TOOL = "generate_hyperclovax_vision";
 const TIMEOUT_MS = 120_000;
