@@ -24,9 +24,14 @@ import torch
 
 import server
 from server import load_config
-from tests.fixtures import clean_env
+from tests.fixtures import clean_env, tiny_model
 
 INT8_TOLERANCE = 0.02  # greedy logits vs bf16: x max(1, max |logit|) (measured <= 0.005 on the tiny models)
+
+
+def model_dir(request, which: str) -> Path:
+    """A tiny model of the suite: demo (LLaVA), hcx / hcx-v2 (both HCX revisions), text (no vision)."""
+    return tiny_model(which, request.getfixturevalue("tmp_path_factory"))
 
 
 def kernels_or_skip() -> tuple[str, ...]:
@@ -212,9 +217,9 @@ def test_int8_quantization_error_bound(ours):
         torch.testing.assert_close(scale[9], torch.tensor(40.0 / 127))
 
 
-@pytest.mark.parametrize("which", ["demo", "hcx"])
+@pytest.mark.parametrize("which", ["demo", "hcx", "hcx-v2", "text"])
 def test_int8_quantizes_decoder_only_and_keeps_embeddings_exact(request, which):
-    folder = request.getfixturevalue("demo_model_dir" if which == "demo" else "hcx_model_dir")
+    folder = model_dir(request, which)
     bf16 = server.load_model(load_config({"MODEL_PATH": str(folder), "DEVICE": "cpu", "DTYPE": "bfloat16",
                                           "TORCH_THREADS": "1"}))
     m = server.load_model(load_config({"MODEL_PATH": str(folder), "DEVICE": "cpu", "WEIGHTS": "int8",
@@ -223,6 +228,8 @@ def test_int8_quantizes_decoder_only_and_keeps_embeddings_exact(request, which):
     vision = {id(mod) for v in server.vision_modules(m.model) for mod in v.modules()}
     int8 = [mod for mod in m.model.modules() if type(mod) is server.Int8Linear]
     assert int8 and not any(id(mod) in vision for mod in int8)
+    assert not any(type(mod) is torch.nn.Linear for mod in m.model.modules() if id(mod) not in vision), \
+        "a decoder linear layer was left in bf16"
     assert type(m.model.get_output_embeddings()) is server.Int8Linear
     assert all(p.dtype == torch.bfloat16 for v in server.vision_modules(m.model) for p in v.parameters())
     torch.testing.assert_close(m.model.get_input_embeddings().weight, bf16.model.get_input_embeddings().weight,
@@ -238,13 +245,13 @@ def greedy_logits(m: server.LoadedModel, with_image: bool):
     return greedy(m, with_image)
 
 
-@pytest.mark.parametrize("which", ["demo", "hcx"])
+@pytest.mark.parametrize("which", ["demo", "hcx", "hcx-v2"])
 @pytest.mark.parametrize("with_image", [False, True], ids=["text", "image"])
 @pytest.mark.parametrize("cpu_kernel", ["auto", "avx2", "torch"])
 def test_int8_greedy_agrees_with_bf16_or_differs_at_near_ties(request, which, with_image, cpu_kernel):
     from tests.test_precision import assert_close_greedy, loaded
 
-    folder = request.getfixturevalue("demo_model_dir" if which == "demo" else "hcx_model_dir")
+    folder = model_dir(request, which)
     ref = greedy_logits(loaded(folder, "bfloat16"), with_image)
     cfg = load_config({"MODEL_PATH": str(folder), "DEVICE": "cpu", "WEIGHTS": "int8", "CPU_KERNEL": cpu_kernel,
                        "TORCH_THREADS": "1"})
@@ -259,11 +266,11 @@ def test_int8_greedy_agrees_with_bf16_or_differs_at_near_ties(request, which, wi
     assert_close_greedy(ref, greedy_logits(m, with_image), INT8_TOLERANCE, first_may_tie=True)
 
 
-@pytest.mark.parametrize("which", ["demo", "hcx"])
+@pytest.mark.parametrize("which", ["demo", "hcx", "hcx-v2"])
 def test_forced_avx2_bf16_widens_many_rows_and_matches_eager(request, which):
     from tests.test_precision import LOGIT_TOLERANCE, assert_close_greedy, engine_ids, loaded
 
-    folder = request.getfixturevalue("demo_model_dir" if which == "demo" else "hcx_model_dir")
+    folder = model_dir(request, which)
     kernels_or_skip()
     cfg = load_config({"MODEL_PATH": str(folder), "DEVICE": "cpu", "DTYPE": "bfloat16", "CPU_KERNEL": "avx2",
                        "TORCH_THREADS": "1"})
@@ -367,11 +374,11 @@ def test_no_compiler_falls_back_to_torch_with_a_log_line(tmp_path, demo_model_di
 # -- int8 through every route of both tiny models ---------------------------------------------------
 
 
-@pytest.mark.parametrize("which", ["demo", "hcx"])
+@pytest.mark.parametrize("which", ["demo", "hcx", "hcx-v2"])
 def test_int8_answers_through_every_route(request, make_server, which):
     import test_call_all_modes as modes
 
-    folder = request.getfixturevalue("demo_model_dir" if which == "demo" else "hcx_model_dir")
+    folder = model_dir(request, which)
     srv = make_server(folder, env={"WEIGHTS": "int8"})
     health = requests.get(srv.url + "/health", timeout=10).json()
     assert health["weights"] == "int8" and health["dtype"] == "bfloat16"
