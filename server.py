@@ -2636,10 +2636,12 @@ class Int8Linear(torch.nn.Linear):
     widen_to: torch.dtype = torch.float32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.one_row is not None and x.numel() == self.in_features:
+        one = x.numel() == self.in_features
+        if one and self.one_row is not None and x.dtype in (torch.bfloat16, torch.float32):
             return self.one_row(x.contiguous(), self.weight, self.weight_scale, self.bias)
-        if x.numel() != self.in_features or self.in_features % 16:  # torch 2.13's reads garbage past K % 16
-            return widened_linear(x, self.weight, self.bias, self.widen_to, self.weight_scale)
+        if not one or self.in_features % 16:  # torch 2.13's int8 product reads garbage past K % 16
+            compute = self.widen_to if x.dtype == torch.bfloat16 else torch.float32  # fp32 models stay fp32
+            return widened_linear(x, self.weight, self.bias, compute, self.weight_scale)
         y = torch._weight_int8pack_mm(x.reshape(1, -1).to(torch.bfloat16), self.weight,
                                       self.weight_scale.to(torch.bfloat16))  # fp32 rows are 10x slower there
         if self.bias is not None:
@@ -2737,8 +2739,9 @@ def prepare_cpu_kernels(cfg: Config, m: LoadedModel, report: Callable) -> str:
     m.kernel = variant
     many = "torch's bf16 matmul" if many_row_dtype(variant) == torch.bfloat16 else "fp32, widened chunk by chunk"
     if reason is not None:
-        report("GENERATION_BACKEND=%s: %s; one-row products run torch's kernels, many-row products: %s "
-               "(%d layers)", want, reason, many, widened)
+        report("GENERATION_BACKEND=%s: %s; one-row products run torch's kernels (%s), many-row products: %s "
+               "(%d layers)", want, reason, "_weight_int8pack_mm" if m.weights == "int8" else "F.linear", many,
+               widened)
         return "eager"
     log.info("CPU kernel %s drives %d %s linear layers one row at a time (decode); many-row products: %s "
              "(%d layers)", variant, ours, m.weights, many, widened)

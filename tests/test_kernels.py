@@ -266,6 +266,20 @@ def test_int8_greedy_agrees_with_bf16_or_differs_at_near_ties(request, which, wi
     assert_close_greedy(ref, greedy_logits(m, with_image), INT8_TOLERANCE, first_may_tie=True)
 
 
+@pytest.mark.parametrize("cpu_kernel", ["auto", "avx2", "torch"])
+def test_int8_with_fp32_activations(request, cpu_kernel):
+    from tests.test_precision import assert_close_greedy, loaded
+
+    folder = model_dir(request, "hcx")
+    cfg = load_config({"MODEL_PATH": str(folder), "DEVICE": "cpu", "DTYPE": "float32", "WEIGHTS": "int8",
+                       "CPU_KERNEL": cpu_kernel, "TORCH_THREADS": "1"})
+    m = server.load_model(cfg)
+    assert (m.weights, m.dtype) == ("int8", torch.float32)
+    for with_image in (False, True):
+        assert_close_greedy(greedy_logits(loaded(folder, "float32"), with_image), greedy_logits(m, with_image),
+                            INT8_TOLERANCE, first_may_tie=True)
+
+
 @pytest.mark.parametrize("which", ["demo", "hcx", "hcx-v2"])
 def test_forced_avx2_bf16_widens_many_rows_and_matches_eager(request, which):
     from tests.test_precision import LOGIT_TOLERANCE, assert_close_greedy, engine_ids, loaded
