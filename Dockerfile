@@ -81,7 +81,7 @@ RUN set -eu; \
     if [ "$INSTALL_REMOTE_CODE_DEPS" = "1" ]; then reqs="$reqs -r /build/requirements-remote-code.txt"; fi; \
     pip install $PIP_EXTRA_ARGS $reqs; \
     pip check; \
-    python -c "import torch, transformers, flask, gunicorn, PIL, click, dotenv, huggingface_hub; from transformers import AutoProcessor; print('torch', torch.__version__, 'transformers', transformers.__version__)"; \
+    python -c "import torch, transformers, flask, gunicorn, PIL, click, dotenv, huggingface_hub, httpx; from transformers import AutoProcessor; print('torch', torch.__version__, 'transformers', transformers.__version__)"; \
     rm -rf /root/.cache
 
 # ---------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """hcx-cli: run HyperCLOVA X SEED Vision locally (no server), or start the server.
 
 Every command calls the same functions as the HTTP routes (server.prompt_request,
-server.stream, server.generate), so the terminal and the API answer alike.
+server.stream, server.generate), so the terminal and the API answer alike. With BACKEND=openai,
+or `describe`/`ask --url URL`, the same functions send the request to OpenAI-compatible
+servers (server.UpstreamPool) instead of loading the model here.
 """
 
 from __future__ import annotations
@@ -48,14 +50,28 @@ def main(ctx: click.Context, model_path, device, dtype, weights, demo, verbose) 
         fail(str(exc))
 
 
-def start_engine(cfg: server.Config) -> server.Engine:
-    """Load the model in this process; a load failure is one clear line and exit 1."""
-    if cfg.demo:
+def start_engine(cfg: server.Config) -> server.Engine | server.UpstreamPool:
+    """Load the model in this process (or, with BACKEND=openai, reach the upstreams); a failure is one
+    clear line and exit 1."""
+    if cfg.demo and cfg.backend == "local":
         click.echo("note: DEMO MODE, a tiny random-weight model; answers are gibberish", err=True)
     try:
-        return server.Engine(cfg).start(wait=True)
+        return server.make_engine(cfg).start(wait=True)
     except server.ModelLoadError as exc:
         fail(str(exc), code=1)
+
+
+def remote_config(cfg: server.Config, url: str | None, api_key: str | None) -> server.Config:
+    """--url URL: the server there (hcx-server or any OpenAI-compatible one, with or without /v1)
+    answers through its /v1/chat/completions instead of a model loaded here."""
+    if url is None:
+        return cfg
+    try:
+        base = server.upstream_base_url(url, "--url", append_v1=True)
+    except server.ConfigError as exc:
+        fail(str(exc))
+    return dataclasses.replace(cfg, backend="openai", upstream_urls=(base,),
+                               upstream_api_key=api_key or cfg.upstream_api_key)
 
 
 def read_image(path: str, cfg: server.Config):
@@ -85,8 +101,19 @@ def answer(engine: server.Engine, req: server.GenerationRequest, streaming: bool
         return dataclasses.replace(pieces.completion, text="".join(text))
     except server.InputError as exc:
         fail(exc.message)
-    except server.GenerationError as exc:
+    except (server.GenerationError, server.Busy, server.ModelNotReady) as exc:
         fail(str(exc), code=1)
+
+
+def remote_options(f):
+    for option in reversed([
+        click.option("--url", default=None, metavar="URL",
+                     help="Ask the server at URL (hcx-server or any OpenAI-compatible one, e.g. "
+                          "http://127.0.0.1:8000 or .../v1) instead of loading the model here."),
+        click.option("--api-key", default=None, help="Bearer key for --url (default: UPSTREAM_API_KEY)."),
+    ]):
+        f = option(f)
+    return f
 
 
 def sampling_options(f):
@@ -127,9 +154,12 @@ def completion_json(c: server.Completion, **extra) -> str:
 @click.option("--stream/--no-stream", default=True, show_default=True, help="Print tokens as they arrive.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image (for scripts).")
 @sampling_options
+@remote_options
 @click.pass_obj
-def describe(cfg: server.Config, images, prompt, stream, as_json, **sampling):
-    """Describe IMAGE(s) locally, no server. '-' reads an image from stdin."""
+def describe(cfg: server.Config, images, prompt, stream, as_json, url, api_key, **sampling):
+    """Describe IMAGE(s) locally, no server (or with --url URL, by that server). '-' reads an image
+    from stdin."""
+    cfg = remote_config(cfg, url, api_key)
     # every image and option is checked before the slow load
     requests = [(path, build_request(cfg, prompt, [read_image(path, cfg)], **sampling)) for path in images]
     engine = start_engine(cfg)
@@ -149,9 +179,11 @@ def describe(cfg: server.Config, images, prompt, stream, as_json, **sampling):
 @click.option("--stream/--no-stream", default=True, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of text.")
 @sampling_options
+@remote_options
 @click.pass_obj
-def ask(cfg: server.Config, prompt, stream, as_json, **sampling):
-    """Ask a text-only PROMPT locally, no server."""
+def ask(cfg: server.Config, prompt, stream, as_json, url, api_key, **sampling):
+    """Ask a text-only PROMPT locally, no server (or with --url URL, that server)."""
+    cfg = remote_config(cfg, url, api_key)
     req = build_request(cfg, prompt, **sampling)
     engine = start_engine(cfg)
     c = answer(engine, req, streaming=stream and not as_json)
@@ -187,7 +219,7 @@ def mcp(cfg: server.Config):
     """
     protocol_out = sys.stdout
     sys.stdout = sys.stderr  # anything a library prints must not corrupt the protocol stream
-    handler = server.McpServer(server.Engine(cfg).start(), stdio=True)
+    handler = server.McpServer(server.make_engine(cfg).start(), stdio=True)
     write_lock = threading.Lock()
 
     def send(message: dict) -> None:

@@ -6,15 +6,20 @@ One module, read top to bottom:
                           generic transformers image-text-to-text path, the tiny demo model.
   3. Input building    -- validate every API's request (seed, OpenAI chat and Responses, Ollama
                           chat and generate, the MCP tool) into one GenerationRequest, decode
-                          images, turn a request into model tensors.
-  4. Generation        -- one engine thread owns the model; generate() and stream() share one
-                          code path (submit a job, follow its tokens, detokenize safely).
+                          images (counted first, pixels budgeted from their headers), refuse text
+                          that cannot fit before tokenizing it, turn a request into model tensors.
+  4. Generation        -- one engine thread owns the model; MAX_QUEUE + 1 slots bound what it
+                          takes; generate() and stream() share one code path (submit a job,
+                          follow its tokens, detokenize safely); with BACKEND=openai an
+                          UpstreamPool with the same interface streams the text from a fleet of
+                          OpenAI-compatible servers (vLLM) instead.
   5. HTTP routes       -- one subsection per API family: the seed REST contract, the OpenAI API
                           (/v1: chat completions, Responses, models), the Ollama API (/api), MCP
-                          (JSON-RPC, both protocol eras, also over stdio by the CLI); CORS and
-                          auth, /health, metrics, the browser playground at / (its files live in
-                          static/). Routes never touch torch.
-  6. App factory       -- create_app(config) and the gunicorn runner (1 gthread worker).
+                          (JSON-RPC, both protocol eras, also over stdio by the CLI); Host, CORS
+                          and auth, /health (and the upstreams' state), metrics, the browser
+                          playground at / (its files live in static/). Routes never touch torch.
+  6. App factory       -- create_app(config), the SIGTERM drain, and the gunicorn runner: ONE
+                          gthread worker that reads each whole request before a thread gets it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import base64
 import binascii
 import contextlib
 import dataclasses
+import errno
 import functools
 import hashlib
 import inspect
@@ -70,6 +76,9 @@ VISION_DTYPE_CHOICES = ("auto", "float32")
 # or int8 weights, else "eager" (all three our own decode loop); "hf" = plain model.generate, also picked
 # for a model our loop cannot drive. See section 4.
 GENERATION_BACKEND_CHOICES = ("auto", "static", "gemv", "eager", "hf")
+# local: this process loads the model; openai: no model here, every API is served by OpenAI-compatible
+# upstreams (vLLM replicas serving this model, or other hcx-servers), see section 4's UpstreamPool.
+BACKEND_CHOICES = ("local", "openai")
 # Which of our CPU kernels runs one-row products: auto = the best this CPU runs (AVX-512, else AVX2),
 # or forced (a variant the CPU lacks falls back to auto with a warning); torch = torch's own.
 CPU_KERNEL_CHOICES = ("auto", "avx512", "avx2", "torch")
@@ -81,6 +90,16 @@ WEIGHTS_CHOICES = ("auto", "int8")
 # host of that scheme (VS Code webviews are vscode-webview://<random id>).
 DEFAULT_ALLOWED_ORIGINS = ("http://localhost:*", "http://127.0.0.1:*", "http://[::1]:*",
                            "https://localhost:*", "https://127.0.0.1:*", "https://[::1]:*")
+# HOST values that bind loopback only, and the names a Host header may then carry (any port): a
+# DNS-rebinding page reaches a loopback server under its own name, which is refused (403).
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+LOOPBACK_HOST_NAMES = ("localhost", "127.0.0.1", "[::1]")
+# The default MAX_TOTAL_PIXELS is MAX_IMAGES times this. The model sees at most 9 grids of 378 px
+# (1.29 MP) per image, but users send screenshots and photos larger than that (a 5K screenshot is
+# 14.7 MP, a phone photo 12 MP) and the processor downsizes them; 16 MP each takes those at full
+# size while one request's decoded RGB pixels stay under 48 MB per image (192 MB for MAX_IMAGES=4;
+# one MAX_IMAGE_PIXELS-sized image still fits alone).
+PIXELS_PER_IMAGE_BUDGET = 16_000_000
 
 
 class ConfigError(ValueError):
@@ -108,6 +127,8 @@ class Config:
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 64_000_000
     max_images: int = 4
+    max_total_pixels: int = 0  # 0: MAX_IMAGES x PIXELS_PER_IMAGE_BUDGET
+    read_timeout: float = 30.0  # seconds a client has to send one whole request (head and body)
     max_model_len: int = 0  # 0: the model's own context window
     torch_threads: int = 0  # 0: torch's default (all cores)
     generation_backend: str = "auto"
@@ -118,16 +139,46 @@ class Config:
     remote_image_timeout: float = 10.0
     api_key: str | None = None
     allowed_origins: tuple[str, ...] = DEFAULT_ALLOWED_ORIGINS
+    allowed_hosts: tuple[str, ...] = ()  # (): loopback names on a loopback bind, any host otherwise
     demo: bool = False
     demo_dir: str = ""
+    backend: str = "local"
+    upstream_urls: tuple[str, ...] = ()  # OpenAI base URLs (".../v1") of the upstreams (BACKEND=openai)
+    upstream_api_key: str | None = None
+    upstream_model: str = ""  # "": the first id of each upstream's /v1/models
+    upstream_timeout: float = 120.0  # longest wait for an upstream's next bytes (see section 4)
+
+    @property
+    def capacity(self) -> int:
+        """Requests taken at once: the generating one + MAX_QUEUE waiting, or with BACKEND=openai
+        MAX_QUEUE (at least 1) in flight per upstream; more get 503 + Retry-After."""
+        if self.backend == "openai":
+            return max(self.max_queue, 1) * len(self.upstream_urls)
+        return self.max_queue + 1
 
     @property
     def worker_threads(self) -> int:
-        """gunicorn threads: the generating request + MAX_QUEUE waiting + room for /health."""
-        return self.threads or self.max_queue + 4
+        """gunicorn threads: every request the server takes at once + plenty of room for /health and
+        quick answers. Threads are cheap and the queue, not the threads, bounds generations; slow
+        clients hold none (the worker reads whole requests before a thread gets one, section 6)."""
+        return self.threads or self.capacity + 31
+
+    @property
+    def pixel_budget(self) -> int:
+        """Decoded pixels one request may hold, all its images together."""
+        return self.max_total_pixels or self.max_images * PIXELS_PER_IMAGE_BUDGET
+
+    @property
+    def host_allowlist(self) -> tuple[str, ...]:
+        """Host header names accepted (lowercase, IPv6 in brackets, any port; "*" = any)."""
+        if self.allowed_hosts:
+            return self.allowed_hosts
+        return LOOPBACK_HOST_NAMES if self.host in LOOPBACK_HOSTS else ("*",)
 
     @property
     def served_model_name(self) -> str:
+        if self.backend == "openai":
+            return self.upstream_model or self.model_path.rstrip("/\\").split("/")[-1]
         return DEMO_MODEL_NAME if self.demo else self.model_path.rstrip("/\\").split("/")[-1]
 
 
@@ -144,6 +195,17 @@ def _env_int(env: Mapping[str, str], key: str, default: int, lo: int, hi: int) -
         raise ConfigError(f"{key}={raw!r} is not valid: expected an integer from {lo} to {hi}") from None
     if not lo <= value <= hi:
         raise ConfigError(f"{key}={value} is out of range: expected an integer from {lo} to {hi}")
+    return value
+
+
+def _env_float(env: Mapping[str, str], key: str, default: float, lo: float, hi: float) -> float:
+    raw = _env_str(env, key, str(default))
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{key}={raw!r} is not valid: expected a number of seconds from {lo:g} to {hi:g}") from None
+    if not lo <= value <= hi:  # NaN fails this too
+        raise ConfigError(f"{key}={raw} is out of range: expected a number of seconds from {lo:g} to {hi:g}")
     return value
 
 
@@ -173,6 +235,49 @@ def _env_origins(env: Mapping[str, str]) -> tuple[str, ...]:
     return origins
 
 
+def upstream_base_url(url: str, key: str = "UPSTREAM_URLS entry", append_v1: bool = False) -> str:
+    """An OpenAI client's base_url: http(s)://host[:port][/path], no trailing slash. A bare host gets
+    /v1 (where vLLM and hcx-server serve the API); `append_v1` (hcx-cli --url, a server's address)
+    adds /v1 to any path that does not already end with it."""
+    from urllib.parse import urlsplit
+
+    text = url.strip()
+    problem = f"{key} {text!r} is not valid: expected http(s)://host[:port]/v1 (an OpenAI base URL)"
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError:
+        raise ConfigError(problem) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment \
+            or re.search(r"\s", text):
+        raise ConfigError(problem)
+    path = parts.path.rstrip("/")
+    if not path or (append_v1 and not path.endswith("/v1")):
+        path += "/v1"
+    return f"{parts.scheme}://{parts.netloc}{path}"
+
+
+def _env_upstreams(env: Mapping[str, str], backend: str) -> tuple[str, ...]:
+    entries = [e for e in _env_str(env, "UPSTREAM_URLS", "").split(",") if e.strip()]
+    urls = tuple(upstream_base_url(e) for e in entries)
+    if backend == "openai" and not urls:
+        raise ConfigError("BACKEND=openai needs UPSTREAM_URLS: comma-separated base URLs of OpenAI-compatible "
+                          "servers serving this model, e.g. http://gpu-node-1:8000/v1")
+    if len(set(urls)) != len(urls):
+        raise ConfigError(f"UPSTREAM_URLS lists an upstream twice: {', '.join(urls)}")
+    return urls
+
+
+def _env_hosts(env: Mapping[str, str]) -> tuple[str, ...]:
+    raw = _env_str(env, "ALLOWED_HOSTS", "")
+    hosts = tuple(h.strip().lower().rstrip(".") for h in raw.split(",") if h.strip())
+    for host in hosts:
+        if host != "*" and not re.fullmatch(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\]", host):
+            raise ConfigError(f"ALLOWED_HOSTS entry {host!r} is not valid: expected '*', a host name or IP "
+                              "address (IPv6 in brackets, no port), comma-separated")
+    return hosts
+
+
 def environment() -> dict[str, str]:
     """The process environment over the nearest .env file (the environment wins)."""
     from dotenv import dotenv_values, find_dotenv
@@ -189,6 +294,7 @@ def load_config(env: Mapping[str, str] | None = None, **overrides: Any) -> Confi
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
         raise ConfigError(f"DEVICE={device!r} is not valid: expected one of {DEVICE_CHOICES}")
     max_new_tokens = _env_int(env, "MAX_NEW_TOKENS", 512, 1, 1 << 20)
+    backend = _env_choice(env, "BACKEND", "local", BACKEND_CHOICES)
     cfg = Config(
         model_path=_env_str(env, "MODEL_PATH", HCX_HUB_ID),
         model_id=_env_str(env, "MODEL_ID", HCX_HUB_ID),
@@ -209,6 +315,8 @@ def load_config(env: Mapping[str, str] | None = None, **overrides: Any) -> Confi
         max_image_bytes=_env_int(env, "MAX_IMAGE_BYTES", 20 * 1024 * 1024, 1024, 1 << 31),
         max_image_pixels=_env_int(env, "MAX_IMAGE_PIXELS", 64_000_000, 1, 1 << 34),
         max_images=_env_int(env, "MAX_IMAGES", 4, 1, 64),
+        max_total_pixels=_env_int(env, "MAX_TOTAL_PIXELS", 0, 0, 1 << 36),
+        read_timeout=float(_env_int(env, "READ_TIMEOUT", 30, 1, 3600)),
         max_model_len=_env_int(env, "MAX_MODEL_LEN", 0, 0, 1 << 24),
         torch_threads=_env_int(env, "TORCH_THREADS", 0, 0, 1024),
         generation_backend=_env_choice(env, "GENERATION_BACKEND", "auto", GENERATION_BACKEND_CHOICES),
@@ -219,8 +327,14 @@ def load_config(env: Mapping[str, str] | None = None, **overrides: Any) -> Confi
         remote_image_timeout=float(_env_int(env, "REMOTE_IMAGE_TIMEOUT", 10, 1, 300)),
         api_key=_env_str(env, "API_KEY", "") or None,
         allowed_origins=_env_origins(env),
+        allowed_hosts=_env_hosts(env),
         demo=_env_bool(env, "DEMO", False),
         demo_dir=_env_str(env, "DEMO_MODEL_DIR", str(Path.home() / ".cache" / "hcx-server" / DEMO_MODEL_NAME)),
+        backend=backend,
+        upstream_urls=_env_upstreams(env, backend),
+        upstream_api_key=_env_str(env, "UPSTREAM_API_KEY", "") or None,
+        upstream_model=_env_str(env, "UPSTREAM_MODEL", ""),
+        upstream_timeout=_env_float(env, "UPSTREAM_TIMEOUT", 120.0, 0.1, 3600.0),
     )
     return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
@@ -281,6 +395,7 @@ class LoadedModel:
     keep_last_logits: bool = False  # the decoder takes logits_to_keep=1
     static: Any = None  # StaticDecode: the static KV cache (and compiled step) made at load
     grammar_tokenizer: Any = None  # llguidance's tokenizer, made on the first structured-output request
+    max_token_chars: int = 0  # characters one token stands for at most; 0 = unknown (longest_token_chars)
     weights: str = ""  # the decoder's linear layers as served: "int8", "bf16", "fp32" or "fp16"
     kernel: str = "torch"  # what runs one-row CPU products: a KERNEL_VARIANTS key or "torch" (section 4)
 
@@ -858,6 +973,50 @@ def context_length(model, tokenizer) -> int:
     return limit if 0 < limit < 10**7 else 16384
 
 
+# Normalizers that never shrink a text by more than the factor given (NFC/NFKC compose at most 4
+# code points into one); any other (Strip, BertNormalizer, a precompiled map, a regex) may delete.
+SHRINK_FACTORS = {"NFC": 4, "NFKC": 4, "NFD": 1, "NFKD": 1, "Lowercase": 1, "Prepend": 1}
+
+
+def _normalizer_shrink(node) -> int | None:
+    """How many characters may become one under this normalizer (None: unbounded or unknown)."""
+    if node is None:
+        return 1
+    kind = node.get("type")
+    if kind == "Sequence":
+        factor = 1
+        for child in node.get("normalizers", []):
+            child_factor = _normalizer_shrink(child)
+            if child_factor is None:
+                return None
+            factor *= child_factor
+        return factor
+    if kind == "Replace":  # a plain string replaced by one at least as long (SentencePiece's " " -> "▁")
+        pattern, content = node.get("pattern", {}).get("String"), node.get("content", "")
+        return 1 if isinstance(pattern, str) and len(content) >= len(pattern) > 0 else None
+    return SHRINK_FACTORS.get(kind)
+
+
+def longest_token_chars(tokenizer) -> int:
+    """The most characters one token can stand for, when the tokenizer bounds that: a BPE whose
+    every input byte is a token (byte-level, or byte fallback) behind a normalizer that cannot
+    delete text. Then a prompt longer than context x this cannot fit, which is found without
+    tokenizing it (a 31 MB prompt took 86 s and 7.7 GB to tokenize). 0 when unknown."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return 0
+    try:
+        spec = json.loads(backend.to_str())
+    except (ValueError, TypeError, AttributeError):
+        return 0
+    model = spec.get("model") or {}
+    every_byte = model.get("byte_fallback") or "ByteLevel" in json.dumps(spec.get("pre_tokenizer"))
+    shrink = _normalizer_shrink(spec.get("normalizer"))
+    if model.get("type") != "BPE" or not every_byte or shrink is None:
+        return 0
+    return shrink * max((len(token) for token in tokenizer.get_vocab()), default=0)
+
+
 def load_model(cfg: Config) -> LoadedModel:
     """Locate (or download), check the folder, load with the target dtype directly, move to the device."""
     started = time.perf_counter()
@@ -904,7 +1063,8 @@ def load_model(cfg: Config) -> LoadedModel:
                          dtype=dtype, vision_dtype=vision_dtype, stop_token_ids=stops, pad_token_id=pad,
                          context_length=cfg.max_model_len or window, revision=info.revision,
                          image_token_id=image_token_id(model, tokenizer) if info.kind != "text" else None,
-                         demo=cfg.demo, note="; ".join(notes), weights=weights)
+                         demo=cfg.demo, note="; ".join(notes), max_token_chars=longest_token_chars(tokenizer),
+                         weights=weights)
     loaded.generation_backend = prepare_generation_backend(cfg, loaded)
     loaded.load_seconds = time.perf_counter() - started
     log.info("model ready in %.1f s: %s interface, revision %s, context %d tokens, stop ids %s, %s weights, "
@@ -1037,7 +1197,38 @@ class GenerationRequest:
         return sum(len(m.images) for m in self.messages)
 
 
-def decode_image(data: str, cfg: Config, param: str = "image_base64") -> Image.Image:
+class ImageBudget:
+    """What one request may decode, checked before any pixel is: its images were counted first
+    (MAX_IMAGES, from the list lengths alone), and each image's pixels, read from its header, are
+    added up before it is decoded (MAX_TOTAL_PIXELS). Without it 12 image parts of a 3 MB body
+    were all decoded (3.7 GB) before the image count was checked."""
+
+    def __init__(self, cfg: Config, count: int, param: str = "messages"):
+        if count > cfg.max_images:
+            raise too_many_images(cfg, count, param)
+        self.cfg, self.pixels = cfg, 0
+
+    def admit(self, width: int, height: int, param: str) -> None:
+        self.pixels += width * height
+        if self.pixels > self.cfg.pixel_budget:
+            raise InputError(f"the images of this request add up to over {self.pixels} pixels, more than "
+                             f"MAX_TOTAL_PIXELS={self.cfg.pixel_budget}", param=param, code="image_too_large")
+
+
+def too_many_images(cfg: Config, count: int, param: str = "messages") -> InputError:
+    return InputError(f"{count} images sent; at most MAX_IMAGES={cfg.max_images} per request", param=param,
+                      code="too_many_images")
+
+
+def count_image_parts(messages, parts: Mapping[str, str]) -> int:
+    """Image parts in chat-style messages (content lists), counted without decoding anything."""
+    if not isinstance(messages, list):
+        return 0
+    return sum(1 for message in messages if isinstance(message, dict) and isinstance(message.get("content"), list)
+               for part in message["content"] if isinstance(part, dict) and parts.get(part.get("type")) == "image")
+
+
+def decode_image(data: str, cfg: Config, param: str = "image_base64", budget: ImageBudget | None = None) -> Image.Image:
     """base64 (with or without a data: URL prefix, line breaks allowed) -> RGB PIL image."""
     text = data.strip()
     match = DATA_URL.match(text)
@@ -1060,7 +1251,7 @@ def decode_image(data: str, cfg: Config, param: str = "image_base64") -> Image.I
                                 "optionally prefixed by data:image/...;base64,") from None
     if not raw:
         raise InputError(f"{param} decodes to zero bytes", param=param, code="invalid_image")
-    return open_image(raw, cfg, param)
+    return open_image(raw, cfg, param, budget)
 
 
 def image_too_large(cfg: Config, param: str) -> InputError:
@@ -1068,8 +1259,15 @@ def image_too_large(cfg: Config, param: str) -> InputError:
                       param=param, code="image_too_large")
 
 
-def open_image(raw: bytes, cfg: Config, param: str = "image") -> Image.Image:
-    """Open with Pillow, refuse bombs before decoding pixels, apply EXIF rotation, flatten to RGB."""
+# Image.info key of the client's own encoded bytes, kept when they decode to exactly the pixels served
+# (RGB, no EXIF rotation): an upstream is sent those rather than a re-encoded PNG (section 4).
+SOURCE_BYTES = "hcx_source_bytes"
+SOURCE_FORMATS = ("JPEG", "PNG", "WEBP")
+
+
+def open_image(raw: bytes, cfg: Config, param: str = "image", budget: ImageBudget | None = None) -> Image.Image:
+    """Open with Pillow, refuse bombs (and pixels over the request's budget) from the header before
+    decoding, apply EXIF rotation in place, flatten to RGB (no copy of what already is RGB)."""
     if len(raw) > cfg.max_image_bytes:
         raise image_too_large(cfg, param)
     try:
@@ -1078,9 +1276,17 @@ def open_image(raw: bytes, cfg: Config, param: str = "image") -> Image.Image:
             if width * height > cfg.max_image_pixels:
                 raise InputError(f"image is {width}x{height} = {width * height} pixels, over "
                                  f"MAX_IMAGE_PIXELS={cfg.max_image_pixels}", param=param, code="image_too_large")
+            if budget is not None:
+                budget.admit(width, height, param)
             img.load()
-            img = ImageOps.exif_transpose(img)
-            return flatten_to_rgb(img)
+            unchanged = (img.format in SOURCE_FORMATS and img.mode == "RGB" and "transparency" not in img.info
+                         and img.getexif().get(0x0112, 1) == 1)
+            source = (Image.MIME[img.format], raw) if unchanged else None
+            ImageOps.exif_transpose(img, in_place=True)
+            img = flatten_to_rgb(img)
+            if source is not None:
+                img.info[SOURCE_BYTES] = source
+            return img
     except InputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -1095,9 +1301,12 @@ def flatten_to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
         background = Image.new("RGB", img.size, (255, 255, 255))
-        background.paste(img.convert("RGBA"), mask=img.convert("RGBA").getchannel("A"))
+        background.paste(rgba, mask=rgba.getchannel("A"))
         return background
+    if img.mode == "RGB":  # decoded by Image.open: no file behind it any more, no copy needed
+        return img
     return img.convert("RGB")
 
 
@@ -1178,14 +1387,15 @@ def with_system_prompt(messages: list[Message], cfg: Config) -> list[Message]:
     return messages
 
 
-def image_from_path(path: str, cfg: Config, param: str = "image_path") -> Image.Image:
+def image_from_path(path: str, cfg: Config, param: str = "image_path",
+                    budget: ImageBudget | None = None) -> Image.Image:
     """A local file (stdio MCP and the CLI run as the user, so reading their files is fine)."""
     try:
         raw = Path(os.path.expanduser(path)).read_bytes()
     except OSError as exc:
         raise InputError(f"cannot read {param} {path!r}: {exc.strerror or exc}", param=param,
                          code="invalid_image") from None
-    return open_image(raw, cfg, param)
+    return open_image(raw, cfg, param, budget)
 
 
 def prompt_request(body: Mapping, cfg: Config, allow_image_path: bool = False) -> GenerationRequest:
@@ -1198,14 +1408,15 @@ def prompt_request(body: Mapping, cfg: Config, allow_image_path: bool = False) -
     if image_path and not allow_image_path:
         raise InputError("'image_path' is only accepted over stdio (hcx-cli mcp); send image_base64",
                          param="image_path", code="invalid_value")
-    images = [decode_image(image_b64, cfg)] if image_b64 and image_b64.strip() else []
+    with_b64 = bool(image_b64 and image_b64.strip())
+    budget = ImageBudget(cfg, with_b64 + bool(image_path), "image_path" if image_path else "image_base64")
+    images = [decode_image(image_b64, cfg, budget=budget)] if with_b64 else []
     if image_path:
-        images.append(image_from_path(image_path, cfg))
+        images.append(image_from_path(image_path, cfg, budget=budget))
     messages = with_system_prompt([Message("user", prompt, images)], cfg)
     constraint = json_constraint(schema_field(body["json_schema"], "json_schema"), "json_schema") \
         if body.get("json_schema") is not None else None
-    return GenerationRequest(messages=with_constraint_instructions(messages, constraint), constraint=constraint,
-                             **sampling_fields(body, cfg))
+    return GenerationRequest(messages=messages, constraint=constraint, **sampling_fields(body, cfg))
 
 
 # -- OpenAI chat completions --------------------------------------------------------------
@@ -1243,29 +1454,55 @@ def openai_stop(value, most: int = 4) -> tuple[str, ...]:
     return tuple(s for s in stops if s)
 
 
-def image_from_url(url: str, cfg: Config, param: str) -> Image.Image:
+def image_from_url(url: str, cfg: Config, param: str, budget: ImageBudget | None = None) -> Image.Image:
     """data: URLs always; http(s) only when ALLOW_REMOTE_IMAGES=1 (and never to private addresses)."""
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "data":
-        return decode_image(url, cfg, param)
+        return decode_image(url, cfg, param, budget)
     if scheme in ("http", "https"):
         if not cfg.allow_remote_images:
             raise InputError("remote image URLs are disabled: send a data:image/...;base64 URL "
                              "(or start the server with ALLOW_REMOTE_IMAGES=1)", param=param, code="invalid_image_url")
-        return fetch_remote_image(url, cfg, param)
+        return fetch_remote_image(url, cfg, param, budget=budget)
     raise InputError("image_url must be a data: URL (or http(s) with ALLOW_REMOTE_IMAGES=1)", param=param,
                      code="invalid_image_url")
 
 
+def embedded_ipv4(address):
+    """The IPv4 address an IPv6 one carries, if it is one of the forms that reach IPv4 hosts:
+    mapped (::ffff:a.b.c.d), translated (::ffff:0:a.b.c.d), compatible (::a.b.c.d), NAT64
+    (64:ff9b::/96), 6to4 (2002::/16) and Teredo (its client address)."""
+    import ipaddress
+
+    if address.version != 6:
+        return None
+    if address.ipv4_mapped or address.sixtofour:
+        return address.ipv4_mapped or address.sixtofour
+    if address.teredo:
+        return address.teredo[1]
+    value, low = int(address), ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    for prefix in ("::ffff:0:0:0/96", "64:ff9b::/96", "::/96"):
+        if address in ipaddress.ip_network(prefix) and (prefix != "::/96" or value > 0xFFFF):
+            return low
+    return None
+
+
 def is_blocked_address(address) -> bool:
-    """Loopback, private, link-local, reserved, multicast: never fetched (SSRF guard)."""
-    mapped = getattr(address, "ipv4_mapped", None)
-    address = mapped or address
+    """Loopback, private, link-local, reserved, multicast -- also when an IPv6 form wraps such an
+    IPv4 address (::127.0.0.1, 64:ff9b::7f00:1, 2002:7f00:1::, ...): never fetched (SSRF guard)."""
+    import ipaddress
+
+    inner = embedded_ipv4(address)
+    if inner is not None and (not inner.is_global or inner.is_multicast):
+        return True
+    if address.version == 6 and address in ipaddress.ip_network("64:ff9b:1::/48"):  # local-use NAT64 (RFC 8215)
+        return True
     return not address.is_global or address.is_multicast
 
 
 def fetch_remote_image(url: str, cfg: Config, param: str = "image_url",
-                       blocked: Callable[[Any], bool] = is_blocked_address) -> Image.Image:
+                       blocked: Callable[[Any], bool] = is_blocked_address,
+                       budget: ImageBudget | None = None) -> Image.Image:
     """GET an image with a byte limit and a deadline, connecting only to the checked address."""
     import http.client
     import ipaddress
@@ -1329,14 +1566,14 @@ def fetch_remote_image(url: str, cfg: Config, param: str = "image_url",
     finally:
         watchdog.cancel()
         conn.close()
-    return open_image(b"".join(chunks), cfg, param)
+    return open_image(b"".join(chunks), cfg, param, budget)
 
 
 CHAT_PARTS = {"text": "text", "image_url": "image"}  # content part type -> what it carries
 
 
 def openai_message(index: int, message, cfg: Config, field: str = "messages",
-                   parts: Mapping[str, str] = CHAT_PARTS) -> Message:
+                   parts: Mapping[str, str] = CHAT_PARTS, budget: ImageBudget | None = None) -> Message:
     """One chat-style message {role, content: str | [parts]} -> Message; the Responses API shares it
     with its own part names (`parts`) and field name (`input`)."""
     where = f"{field}[{index}]"
@@ -1373,7 +1610,7 @@ def openai_message(index: int, message, cfg: Config, field: str = "messages",
                 hint = "; file_id needs a Files API this server does not have" if part.get("file_id") else ""
                 raise InputError(f"{at}.image_url must be a URL string{hint}", param=f"{at}.image_url",
                                  code="invalid_type")
-            images.append(image_from_url(url, cfg, f"{at}.image_url"))
+            images.append(image_from_url(url, cfg, f"{at}.image_url", budget))
         else:
             raise InputError(f"{at} must be a text part ({text_part}) or, in a user message, an image part "
                              f"({image_part})", param=at, code="invalid_value")
@@ -1388,14 +1625,15 @@ def openai_request(body: Mapping, cfg: Config) -> GenerationRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InputError("'messages' must be a non-empty list", param="messages", code="invalid_value")
-    parsed = [openai_message(i, m, cfg) for i, m in enumerate(messages)]
+    budget = ImageBudget(cfg, count_image_parts(messages, CHAT_PARTS))
+    parsed = [openai_message(i, m, cfg, budget=budget) for i, m in enumerate(messages)]
     if not any(m.role == "user" for m in parsed):
         raise InputError("'messages' needs at least one user message", param="messages", code="invalid_value")
     if field_str(body, "model") is None and "model" in body:
         raise InputError("'model' must be a string", param="model", code="invalid_type")
     constraint = chat_constraint(body)
-    return GenerationRequest(messages=with_constraint_instructions(with_system_prompt(parsed, cfg), constraint),
-                             stop=openai_stop(body.get("stop")), constraint=constraint, **sampling_fields(body, cfg))
+    return GenerationRequest(messages=with_system_prompt(parsed, cfg), stop=openai_stop(body.get("stop")),
+                             constraint=constraint, **sampling_fields(body, cfg))
 
 
 def stream_options(body: Mapping, streaming: bool) -> bool:
@@ -1640,7 +1878,8 @@ def responses_input(value, cfg: Config, recall: Callable[[Any], str | None]) -> 
     if not isinstance(value, list) or not value:
         raise InputError("'input' must be a string or a non-empty list of message items", param="input",
                          code="invalid_value")
-    messages = []
+    items = [item for item in value if isinstance(item, dict) and item.get("type", "message") == "message"]
+    budget, messages = ImageBudget(cfg, count_image_parts(items, RESPONSES_PARTS), "input"), []
     for i, item in enumerate(value):
         kind = item.get("type", "message") if isinstance(item, dict) else None
         if kind == "item_reference":
@@ -1650,7 +1889,7 @@ def responses_input(value, cfg: Config, recall: Callable[[Any], str | None]) -> 
                                  f"server keeps{NO_STORED_STATE}", param=f"input[{i}]", code="item_not_found")
             messages.append(Message("assistant", text))
         elif kind == "message":
-            messages.append(openai_message(i, item, cfg, field="input", parts=RESPONSES_PARTS))
+            messages.append(openai_message(i, item, cfg, field="input", parts=RESPONSES_PARTS, budget=budget))
         else:
             raise InputError(f"input[{i}] is a {kind!r} item; only message items (and item_reference) are supported",
                              param=f"input[{i}]", code="unsupported_parameter" if isinstance(kind, str) else "invalid_type")
@@ -1673,9 +1912,8 @@ def responses_request(body: Mapping, cfg: Config,
         raise InputError("'model' must be a string", param="model", code="invalid_type")
     text = body.get("text") or {}
     constraint = response_format_constraint(text.get("format"), "text.format", (("text", text),))
-    return GenerationRequest(messages=with_constraint_instructions(with_system_prompt(messages, cfg), constraint),
-                             stop=openai_stop(body.get("stop")), constraint=constraint,
-                             **sampling_fields(body, cfg, max_names=("max_output_tokens",)))
+    return GenerationRequest(messages=with_system_prompt(messages, cfg), stop=openai_stop(body.get("stop")),
+                             constraint=constraint, **sampling_fields(body, cfg, max_names=("max_output_tokens",)))
 
 
 # -- Ollama API (/api/chat, /api/generate) ----------------------------------------------------
@@ -1725,16 +1963,17 @@ def ollama_model_field(body: Mapping) -> str:
     return model
 
 
-def ollama_images(value, cfg: Config, where: str) -> list[Image.Image]:
+def ollama_images(value, cfg: Config, where: str, budget: ImageBudget | None = None) -> list[Image.Image]:
     """`images`: a list of base64 strings (Ollama sends no data: prefix; one is accepted)."""
     if value is None:
         return []
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise InputError(f"'{where}' must be a list of base64 strings", param=where, code="invalid_type")
-    return [decode_image(v, cfg, f"{where}[{j}]") for j, v in enumerate(value)]
+    budget = budget or ImageBudget(cfg, len(value), where)
+    return [decode_image(v, cfg, f"{where}[{j}]", budget) for j, v in enumerate(value)]
 
 
-def ollama_message(index: int, message, cfg: Config) -> Message:
+def ollama_message(index: int, message, cfg: Config, budget: ImageBudget | None = None) -> Message:
     where = f"messages[{index}]"
     if not isinstance(message, dict):
         raise InputError(f"{where} must be an object", param=where, code="invalid_type")
@@ -1748,11 +1987,19 @@ def ollama_message(index: int, message, cfg: Config) -> Message:
     content = message.get("content")
     if content is not None and not isinstance(content, str):
         raise InputError(f"{where}.content must be a string", param=f"{where}.content", code="invalid_type")
-    images = ollama_images(message.get("images"), cfg, f"{where}.images")
+    images = ollama_images(message.get("images"), cfg, f"{where}.images", budget)
     if images and role != "user":
         raise InputError(f"{where}.images: images go in user messages", param=f"{where}.images",
                          code="invalid_value")
     return Message(role, content or "", images)
+
+
+def ollama_loads_only(body: Mapping, chat: bool) -> bool:
+    """Ollama's load-only call: /api/chat without messages, /api/generate without prompt or images."""
+    if chat:
+        return body.get("messages") in (None, [])
+    prompt = body.get("prompt")
+    return not (isinstance(prompt, str) and prompt.strip()) and not body.get("images")
 
 
 def ollama_chat_request(body: Mapping, cfg: Config) -> GenerationRequest | None:
@@ -1760,11 +2007,13 @@ def ollama_chat_request(body: Mapping, cfg: Config) -> GenerationRequest | None:
     ollama_model_field(body)
     sampling = ollama_sampling(body, cfg)
     messages = body.get("messages")
-    if messages is None or messages == []:
+    if ollama_loads_only(body, chat=True):
         return None
     if not isinstance(messages, list):
         raise InputError("'messages' must be a list", param="messages", code="invalid_type")
-    parsed = [ollama_message(i, m, cfg) for i, m in enumerate(messages)]
+    count = sum(len(m["images"]) for m in messages if isinstance(m, dict) and isinstance(m.get("images"), list))
+    budget = ImageBudget(cfg, count)
+    parsed = [ollama_message(i, m, cfg, budget) for i, m in enumerate(messages)]
     if not any(m.role == "user" for m in parsed):
         raise InputError("'messages' needs at least one user message", param="messages", code="invalid_value")
     return ollama_with_format(body, with_system_prompt(parsed, cfg), sampling)
@@ -1776,9 +2025,9 @@ def ollama_generate_request(body: Mapping, cfg: Config) -> GenerationRequest | N
     ollama_model_field(body)
     sampling = ollama_sampling(body, cfg)
     prompt = field_str(body, "prompt") or ""
-    images = ollama_images(body.get("images"), cfg, "images")
-    if not prompt.strip() and not images:
+    if ollama_loads_only(body, chat=False):
         return None
+    images = ollama_images(body.get("images"), cfg, "images")
     system = field_str(body, "system")
     messages = ([Message("system", system)] if system else []) + [Message("user", prompt, images)]
     return ollama_with_format(body, with_system_prompt(messages, cfg), sampling)
@@ -1796,8 +2045,7 @@ def ollama_with_format(body: Mapping, messages: list[Message], sampling: dict) -
             "type": "json_schema", "json_schema": {"name": "format", "schema": value}}),))
     else:
         raise InputError("'format' must be \"json\" or a JSON schema object", param="format", code="invalid_value")
-    return GenerationRequest(messages=with_constraint_instructions(messages, constraint), constraint=constraint,
-                             **sampling)
+    return GenerationRequest(messages=messages, constraint=constraint, **sampling)
 
 
 # -- from a request to model tensors ----------------------------------------------------
@@ -1934,8 +2182,21 @@ INPUT_BUILDERS = {"hcx-v1": build_hcx_v1_inputs, "hcx-v2": build_hcx_v2_inputs, 
                   "text": build_text_inputs}
 
 
+def refuse_text_beyond_context(m: LoadedModel, req: GenerationRequest) -> None:
+    """Text that certainly cannot fit is refused before it is tokenized: more characters than the
+    context times the most characters one token stands for (`max_token_chars`, found at load)."""
+    chars = sum(len(msg.text) for msg in req.messages)
+    if m.max_token_chars and chars > m.context_length * m.max_token_chars:
+        raise InputError(f"this model's context is {m.context_length} tokens; the prompt has {chars} characters, "
+                         f"more than {m.context_length} tokens of at most {m.max_token_chars} characters can hold",
+                         code="context_length_exceeded", param="messages")
+
+
 def build_inputs(m: LoadedModel, req: GenerationRequest) -> ModelInputs:
     """Tensors for one request; image/processor failures are the client's (400), with the reason."""
+    refuse_text_beyond_context(m, req)
+    if req.constraint is not None:  # the model is told what the grammar will enforce (an upstream tells its own)
+        req = dataclasses.replace(req, messages=with_constraint_instructions(req.messages, req.constraint))
     try:
         return INPUT_BUILDERS[m.interface](m, req)
     except (InputError, GenerationError):
@@ -1982,6 +2243,38 @@ class Completion:
     total_s: float
 
 
+class Slot:
+    """One place among the MAX_QUEUE + 1 requests the engine takes at a time (generating or waiting).
+    Routes take it before decoding a request's images, so at most that many requests hold decoded
+    pixels; a job owns it once submitted and the engine frees it when the job ends. Used as a
+    context manager, it is freed on leaving unless a job took it."""
+
+    def __init__(self, engine: "Engine"):
+        self.engine, self.taken, self.freed = engine, False, False
+
+    def release(self) -> None:
+        with self.engine.lock:
+            if not self.freed:
+                self.freed = True
+                self.engine.admitted -= 1
+
+    def __enter__(self) -> "Slot":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.taken:
+            self.release()
+
+
+def admit(engine, capacity: int, busy: str) -> Slot:
+    """One of `capacity` places (engine.admitted counts the taken ones, under engine.lock), or Busy."""
+    with engine.lock:
+        if engine.admitted >= capacity:
+            raise Busy(f"server busy: {busy}; retry shortly")
+        engine.admitted += 1
+    return Slot(engine)
+
+
 @dataclass
 class Job:
     """One request's trip through the engine: tensors in, token ids out through a queue."""
@@ -1989,6 +2282,7 @@ class Job:
     request: GenerationRequest
     inputs: ModelInputs
     max_new_tokens: int
+    slot: Slot | None = None
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
@@ -2800,8 +3094,9 @@ def describe_failure(exc: BaseException) -> str:
 class Engine:
     """Owns the model and ONE generation thread; requests wait in a bounded queue for it.
 
-    A single thread is the lock that serializes use of the model. A job whose client left
-    while it waited is dropped without running.
+    A single thread is the lock that serializes use of the model. At most MAX_QUEUE + 1 requests
+    hold a Slot (one generating, MAX_QUEUE waiting; MAX_QUEUE=0: none waits); more are Busy. A job
+    whose client left while it waited is dropped without running.
     """
 
     def __init__(self, cfg: Config):
@@ -2809,7 +3104,9 @@ class Engine:
         self.model: LoadedModel | None = None
         self.state = "loading"
         self.error: str | None = None
-        self.jobs: queue.Queue[Job] = queue.Queue(maxsize=cfg.max_queue)
+        self.jobs: queue.Queue[Job] = queue.Queue()  # bounded by the slots
+        self.lock = threading.Lock()
+        self.admitted = 0  # slots held: requests decoding their images, queued or generating
         self.running: Job | None = None
         self.stats = {"jobs_done": 0, "jobs_failed": 0, "jobs_cancelled": 0, "jobs_skipped": 0,
                       "tokens_generated": 0}
@@ -2842,6 +3139,7 @@ class Engine:
             job = self.jobs.get()
             if job.cancelled.is_set():
                 self.stats["jobs_skipped"] += 1
+                job.slot.release()
                 job.events.put(("done", None))
                 continue
             self.running = job
@@ -2850,9 +3148,11 @@ class Engine:
             except Exception as exc:  # noqa: BLE001 - the engine thread must never die
                 self.stats["jobs_failed"] += 1
                 log.error("generation failed: %s", exc, exc_info=not isinstance(exc, torch.OutOfMemoryError))
+                job.slot.release()
                 job.events.put(("error", describe_failure(exc)))
             else:
                 self.stats["jobs_cancelled" if job.cancelled.is_set() else "jobs_done"] += 1
+                job.slot.release()
                 job.events.put(("done", None))
             finally:
                 self.running = None
@@ -2874,25 +3174,57 @@ class Engine:
         raise ModelNotReady("the model is still loading; retry when /health says ok")
 
     # -- requests --
-    def submit(self, req: GenerationRequest) -> Job:
-        """Build tensors and check limits in the caller's thread, then queue (or refuse) the job."""
+    def reserve(self) -> Slot:
+        """A place for one more request, or Busy when MAX_QUEUE + 1 are taken."""
+        waiting = f"{self.cfg.max_queue} requests already waiting" if self.cfg.max_queue else \
+            "a request is being served and MAX_QUEUE=0 lets none wait"
+        return admit(self, self.cfg.max_queue + 1, waiting)
+
+    def submit(self, req: GenerationRequest, slot: Slot | None = None) -> Job:
+        """Build tensors and check limits in the caller's thread, then queue the job in its slot
+        (reserved here when the caller holds none; a failure frees the slot)."""
         m = self.require_model()
-        if req.image_count > self.cfg.max_images:
-            raise InputError(f"{req.image_count} images sent; at most MAX_IMAGES={self.cfg.max_images} "
-                             "per request", code="too_many_images", param="messages")
+        check_image_count(req, self.cfg)
         if req.constraint is not None:
             check_constraint(m, req.constraint)
-        inputs = build_inputs(m, req)
-        job = Job(req, inputs, fit_to_context(m, req, inputs.prompt_tokens))
+        slot = slot or self.reserve()
         try:
-            self.jobs.put_nowait(job)
-        except queue.Full:
-            raise Busy(f"server busy: {self.cfg.max_queue} requests already waiting; retry shortly") from None
+            inputs = build_inputs(m, req)
+            job = Job(req, inputs, fit_to_context(m, req, inputs.prompt_tokens), slot)
+        except BaseException:
+            slot.release()
+            raise
+        slot.taken = True
+        self.jobs.put(job)
         return job
+
+    def stream(self, req: GenerationRequest, client_gone: Callable[[], bool] | None = None,
+               whole: bool = False, slot: Slot | None = None) -> TextStream:
+        """submit() and follow the job (`whole` matters only to an UpstreamPool)."""
+        return TextStream(self.model, self.submit(req, slot), client_gone)
 
     @property
     def queue_depth(self) -> int:
         return self.jobs.qsize()
+
+    @property
+    def in_flight(self) -> int:
+        return int(self.running is not None) + self.queue_depth
+
+    @property
+    def context_length(self) -> int | None:
+        """The served context window, once loaded."""
+        return self.model.context_length if self.state == "ready" else None
+
+    @property
+    def idle(self) -> bool:
+        """No request holds a slot: nothing decodes, waits or generates."""
+        return self.admitted == 0
+
+
+def check_image_count(req: GenerationRequest, cfg: Config) -> None:
+    if req.image_count > cfg.max_images:
+        raise too_many_images(cfg, req.image_count)
 
 
 class Detokenizer:
@@ -3036,17 +3368,634 @@ class TextStream:
                                          (first_at or now) - job.submitted, now - job.submitted)
 
 
-def stream(engine: Engine, req: GenerationRequest, client_gone: Callable[[], bool] | None = None) -> TextStream:
-    """Queue the request now (so errors surface before any byte is sent); iterate for text."""
-    job = engine.submit(req)
-    return TextStream(engine.model, job, client_gone)
+def stream(engine: Engine | UpstreamPool, req: GenerationRequest, client_gone: Callable[[], bool] | None = None,
+           slot: Slot | None = None, whole: bool = False) -> TextStream | UpstreamStream:
+    """Queue the request now (so errors surface before any byte is sent); iterate for text. The engine
+    is the local model's or, with BACKEND=openai, the pool of upstreams: the same interface. `slot`:
+    the place the route reserved before decoding images; `whole`: the caller joins the answer, so
+    nothing reaches its client before the end (an upstream that breaks off midway may be replaced)."""
+    return engine.stream(req, client_gone, whole, slot)
 
 
-def generate(engine: Engine, req: GenerationRequest, client_gone: Callable[[], bool] | None = None) -> Completion:
+def generate(engine: Engine | UpstreamPool, req: GenerationRequest, client_gone: Callable[[], bool] | None = None,
+             slot: Slot | None = None) -> Completion:
     """The whole answer at once: the same path as stream(), joined."""
-    text_stream = stream(engine, req, client_gone)
+    text_stream = stream(engine, req, client_gone, slot, whole=True)
     text = "".join(text_stream)
     return dataclasses.replace(text_stream.completion, text=text)
+
+
+# -- BACKEND=openai: the same interface in front of a fleet of OpenAI-compatible upstreams ---------
+# No model is loaded here. Each request goes, as an OpenAI chat completion streamed with usage, to the
+# upstream (a vLLM replica serving this model, or another hcx-server) with the fewest requests in
+# flight, at most MAX_QUEUE per upstream (then 503 + Retry-After). An upstream that fails (refused,
+# 5xx, timeout, a stream broken off) is marked down and probed in the background (GET {url}/models,
+# every 0.5 s doubling to 5 s) until it answers again. A request that failed before any of its text
+# reached the client is sent once more, to another upstream; a stream broken midway ends with the
+# API's own error marker. UPSTREAM_TIMEOUT bounds every wait for the upstream's next bytes --
+# connecting, its response headers, the first token (its own queue included), each gap between two
+# chunks -- never the whole answer: a long answer that keeps streaming is never cut, a silent upstream
+# is given up after that long (504). Up upstreams are probed too, every UPSTREAM_REFRESH_S: an idle one
+# that died is found before a request is sent to it, a window reported late (hcx-server lists its model
+# while still loading) is learnt.
+
+UPSTREAM_PROBE_S = (0.5, 5.0)  # probes of a down upstream: first delay, longest delay
+UPSTREAM_REFRESH_S = 30.0  # probes of an up upstream
+UPSTREAM_FALLBACK_CONTEXT = 16384  # HCX's window, when neither the upstreams nor MAX_MODEL_LEN say
+UPSTREAM_FINISH = {"stop": "stop", "length": "length", "abort": "cancelled"}
+
+
+class UpstreamFailure(GenerationError):
+    """An upstream failed, or none can take the request. `status` is what a client that got no byte
+    yet sees: 502 (bad gateway), 503 + Retry-After (none reachable, or busy), 504 (UPSTREAM_TIMEOUT);
+    a stream already under way ends with its API's error marker instead. `down`: the upstream is
+    marked down; `retriable`: another upstream may be tried."""
+
+    def __init__(self, message: str, status: int = 502, code: str = "upstream_failed", outcome: str = "failed",
+                 retry_after: int | None = None, down: bool = True, retriable: bool = True):
+        super().__init__(message)
+        self.status, self.code, self.outcome, self.retry_after = status, code, outcome, retry_after
+        self.down, self.retriable = down, retriable
+
+
+@dataclass
+class UpstreamModel:
+    """What the routes show of the served model when upstreams serve it: no folder, device or dtype."""
+
+    name: str
+    context_length: int
+    facts: dict  # weights_facts' keys, as far as the front knows them
+    path: str = ""
+    device: str = "upstream"
+    dtype: str = "unknown"
+
+
+@dataclass(eq=False)
+class Upstream:
+    """One server of the fleet as the pool sees it (fields change under the pool's lock)."""
+
+    url: str  # its base URL, ".../v1"
+    name: str  # the URL without any user:password, for logs, /health and /metrics
+    state: str = "probing"  # probing (not answered yet) | up | down
+    model: str = ""
+    context_length: int | None = None
+    in_flight: int = 0
+    error: str | None = None
+    since: float = field(default_factory=time.time)  # wall clock of the last state change
+    next_probe: float = 0.0
+    probe_wait: float = UPSTREAM_PROBE_S[0]
+    last_pick: int = 0
+    outcomes: dict[str, int] = field(default_factory=dict)  # requests by outcome
+    tokens: int = 0
+    marked_down: int = 0
+
+    def describe(self) -> dict:
+        return {"url": self.name, "state": self.state, "model": self.model or None,
+                "context_length": self.context_length, "in_flight": self.in_flight, "error": self.error,
+                "since": round(self.since, 3), "requests": sum(self.outcomes.values())}
+
+
+@dataclass
+class UpstreamJob:
+    """Job's counterpart for a request sent upstream (MCP progress reads max_new_tokens)."""
+
+    request: GenerationRequest
+    max_new_tokens: int
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+def image_data_url(img: Image.Image) -> str:
+    """The client's own bytes when they decode to exactly what was checked (open_image keeps them),
+    else a PNG of the pixels."""
+    mime, raw = img.info.get(SOURCE_BYTES) or ("image/png", png_bytes(img))
+    return f"data:{mime};base64,{base64.b64encode(raw).decode('ascii')}"
+
+
+def upstream_messages(req: GenerationRequest) -> list[dict]:
+    """OpenAI chat messages: images first, as data: URLs in image_url parts, then the text."""
+    messages = []
+    for msg in req.messages:
+        if not msg.images:
+            messages.append({"role": msg.role, "content": msg.text})
+            continue
+        parts = [{"type": "image_url", "image_url": {"url": image_data_url(img)}} for img in msg.images]
+        parts += [{"type": "text", "text": msg.text}] if msg.text else []
+        messages.append({"role": msg.role, "content": parts})
+    return messages
+
+
+def upstream_payload(req: GenerationRequest, max_new_tokens: int) -> dict:
+    """The chat completion body (less `model`, which is per upstream); the upstream applies the stop
+    strings, min_tokens is the vLLM extension field (hcx-server takes it too)."""
+    payload = {"messages": upstream_messages(req), "max_tokens": max_new_tokens, "temperature": req.temperature,
+               "top_p": req.top_p, "stream": True, "stream_options": {"include_usage": True}}
+    if req.seed is not None:
+        payload["seed"] = req.seed
+    if req.stop:
+        payload["stop"] = list(req.stop)
+    if req.min_new_tokens and req.constraint is None:
+        payload["min_tokens"] = req.min_new_tokens
+    payload.update(upstream_constraint(req.constraint))
+    return payload
+
+
+def upstream_constraint(c: Constraint | None) -> dict:
+    """Structured output for the upstream's own guided decoding: a JSON answer as chat's
+    response_format, tool calls as the request's tools / tool_choice (its tool_calls deltas come back
+    as our <tool_call> text, so every API presents them as for a local model)."""
+    if c is None:
+        return {}
+    if c.kind == "tool":
+        return dict(c.fields)
+    if c.schema == {"type": "object"}:
+        return {"response_format": {"type": "json_object"}}
+    return {"response_format": {"type": "json_schema", "json_schema": {"name": "answer", "schema": c.schema,
+                                                                        "strict": True}}}
+
+
+def upstream_error(body: Any) -> dict | None:
+    """The error of an upstream answer or SSE event: OpenAI's (and hcx-server's) {"error": {...}},
+    older vLLM's {"object": "error", "message", ...}, FastAPI's {"detail": ...}; else None."""
+    if not isinstance(body, dict):
+        return None
+    error = body.get("error")
+    if isinstance(error, dict):
+        return error
+    if isinstance(error, str):
+        return {"message": error}
+    if body.get("object") == "error":
+        return body
+    if "detail" in body and "choices" not in body:
+        return {"message": body["detail"] if isinstance(body["detail"], str) else json.dumps(body["detail"])}
+    return None
+
+
+def without_userinfo(url: str) -> str:
+    return re.sub(r"//[^/@]*@", "//", url, count=1)
+
+
+def transport_problem(exc: BaseException) -> str:
+    """An httpx error as a few words ("ConnectError: [Errno 111] Connection refused")."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+class UpstreamPool:
+    """Engine's interface (start, state, wait_ready, require_model, stream, stats, queue_depth,
+    in_flight, running, context_length, draining) over the upstreams of UPSTREAM_URLS. One httpx
+    client (pooled keep-alive connections, streaming, timeouts; shared by every request thread) and
+    one probe thread."""
+
+    def __init__(self, cfg: Config):
+        import httpx
+
+        self.cfg = cfg
+        self.upstreams = [Upstream(url, without_userinfo(url)) for url in cfg.upstream_urls]
+        self.limit = max(cfg.max_queue, 1)
+        self.lock = threading.Lock()
+        self.admitted = 0  # requests being read (their images decoded) before they go upstream
+        self.wake = threading.Event()
+        self.state = "loading"  # loading (the first probes) | ready
+        self.error: str | None = None
+        self.draining = False
+        self.started = time.time()
+        self.retries = 0
+        self.picks = 0
+        self.stats = {"jobs_done": 0, "jobs_failed": 0, "jobs_cancelled": 0, "jobs_skipped": 0, "tokens_generated": 0}
+        headers = {"User-Agent": f"hcx-server/{__version__}"}
+        if cfg.upstream_api_key:
+            headers["Authorization"] = f"Bearer {cfg.upstream_api_key}"
+        connections = len(self.upstreams) * (self.limit + 2)
+        # trust_env=False: upstreams are reached directly, never through a proxy meant for the internet
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        self.http = httpx.Client(headers=headers, timeout=httpx.Timeout(cfg.upstream_timeout), limits=limits,
+                                 trust_env=False)
+
+    # -- lifecycle and health --
+    def start(self, wait: bool = False) -> "UpstreamPool":
+        threading.Thread(target=self._probe_loop, name="hcx-upstream-probes", daemon=True).start()
+        if wait:
+            self.wait_ready()
+        return self
+
+    def _probe_loop(self) -> None:
+        """Probe every upstream once, then each when it is due: a down one after its backoff, an up
+        one every UPSTREAM_REFRESH_S."""
+        while True:
+            self.wake.clear()
+            for upstream in [u for u in self.upstreams if u.next_probe <= time.monotonic()]:
+                self.probe(upstream)
+            if self.state == "loading":
+                self.state = "ready"
+                log.info("upstreams: %s", ", ".join(f"{u.name} {u.state}" for u in self.upstreams))
+            self.wake.wait(max(0.05, min(u.next_probe for u in self.upstreams) - time.monotonic()))
+
+    def probe(self, upstream: Upstream) -> bool:
+        """GET {url}/models: up when it lists models (and UPSTREAM_MODEL among them, when set); learns the
+        model id and the context window (vLLM's max_model_len) from it."""
+        import httpx
+
+        try:
+            answer = self.http.get(f"{upstream.url}/models", timeout=min(self.cfg.upstream_timeout, 5.0))
+            if answer.status_code != 200:
+                raise ValueError(f"GET /models answered HTTP {answer.status_code}")
+            cards = [c for c in answer.json().get("data") or [] if isinstance(c, dict) and isinstance(c.get("id"), str)]
+            wanted = self.cfg.upstream_model
+            card = next((c for c in cards if c["id"] == wanted), None) if wanted else (cards or [None])[0]
+            if card is None:
+                raise ValueError(f"it does not serve {wanted!r}" if wanted else "GET /models lists no model")
+        except (httpx.HTTPError, ValueError, AttributeError) as exc:
+            problem = transport_problem(exc) if isinstance(exc, httpx.HTTPError) else str(exc)
+            if upstream.state == "up":
+                self.mark_down(upstream, f"probe failed: {problem}")
+                return False
+            with self.lock:
+                first = upstream.state == "probing"
+                upstream.error = problem
+                if first:
+                    upstream.state, upstream.since = "down", time.time()
+                upstream.next_probe = time.monotonic() + upstream.probe_wait
+                upstream.probe_wait = min(upstream.probe_wait * 2, UPSTREAM_PROBE_S[1])
+            if first:
+                log.warning("upstream %s does not answer: %s", upstream.name, problem)
+            return False
+        window = card.get("max_model_len")
+        window = window if isinstance(window, int) and window > 0 else None
+        with self.lock:
+            was, known = upstream.state, (upstream.model, upstream.context_length)
+            if was != "up":
+                upstream.state, upstream.error, upstream.since = "up", None, time.time()
+            upstream.model, upstream.context_length = card["id"], window
+            upstream.next_probe = time.monotonic() + UPSTREAM_REFRESH_S
+            upstream.probe_wait = UPSTREAM_PROBE_S[0]
+        if was != "up" or known != (upstream.model, window):
+            log.info("upstream %s is %s: model %s, context %s", upstream.name, "back up" if was == "down" else "up",
+                     upstream.model, window or "not reported")
+        return True
+
+    def mark_down(self, upstream: Upstream, reason: str) -> None:
+        with self.lock:
+            if upstream.state == "up":
+                upstream.marked_down += 1
+                upstream.since = time.time()
+                log.warning("upstream %s marked down: %s", upstream.name, reason)
+            upstream.state, upstream.error = "down", reason
+            upstream.next_probe = time.monotonic() + UPSTREAM_PROBE_S[0]
+            upstream.probe_wait = UPSTREAM_PROBE_S[0] * 2
+        self.wake.set()
+
+    def wait_ready(self, timeout: float | None = None) -> UpstreamModel:
+        """Block until every upstream was probed once; none answering is a ModelLoadError (the CLI and
+        stdio MCP print it)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.state == "loading" and (deadline is None or time.monotonic() < deadline):
+            time.sleep(0.05)
+        if self.state == "ready" and not any(u.state == "up" for u in self.upstreams):
+            raise ModelLoadError("no upstream answers: " + "; ".join(f"{u.name}: {u.error}" for u in self.upstreams))
+        return self.require_model()
+
+    def require_model(self) -> UpstreamModel:
+        if self.state == "loading":
+            raise ModelNotReady("the upstreams are being probed; retry when /health says ok")
+        digest = hashlib.sha256(" ".join((self.cfg.served_model_name, *self.cfg.upstream_urls)).encode()).hexdigest()
+        facts = {"family": "unknown", "size": 0, "params": 0, "mtime": self.started, "digest": digest}
+        return UpstreamModel(self.cfg.served_model_name, self.context_length, facts)
+
+    @property
+    def context_length(self) -> int:
+        """The smallest window the upstreams report, within MAX_MODEL_LEN when it is set."""
+        known = [u.context_length for u in self.upstreams if u.context_length]
+        limits = ([min(known)] if known else []) + ([self.cfg.max_model_len] if self.cfg.max_model_len else [])
+        return min(limits) if limits else UPSTREAM_FALLBACK_CONTEXT
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests in flight at the upstreams (the front queues nothing itself)."""
+        return sum(u.in_flight for u in self.upstreams)
+
+    in_flight = queue_depth
+
+    @property
+    def running(self) -> bool | None:
+        """Engine's "a job is generating", for /metrics."""
+        return True if self.queue_depth else None
+
+    def retry_after(self) -> int:
+        """Seconds until the next probe of a down upstream may bring one back."""
+        now = time.monotonic()
+        return max(1, math.ceil(min((u.next_probe for u in self.upstreams if u.state != "up"), default=now + 1) - now))
+
+    # -- requests --
+    def reserve(self) -> Slot:
+        """A place for one more request being read and decoded; the route frees it once the request
+        is sent (the upstreams' own MAX_QUEUE each bounds what is in flight there)."""
+        return admit(self, self.cfg.capacity, f"{self.cfg.capacity} requests already being read")
+
+    @property
+    def idle(self) -> bool:
+        return self.admitted == 0 and self.in_flight == 0
+
+    def stream(self, req: GenerationRequest, client_gone: Callable[[], bool] | None = None,
+               whole: bool = False, slot: Slot | None = None) -> UpstreamStream:
+        """Check what the front can, then send the request upstream: its answer status (and any refusal)
+        is known before this returns, like Engine.submit's."""
+        self.require_model()
+        check_image_count(req, self.cfg)
+        pieces = UpstreamStream(self, req, self.fit(req), client_gone, whole)
+        pieces.connect()
+        return pieces
+
+    def fit(self, req: GenerationRequest) -> int:
+        """The front has no tokenizer to count the prompt: an explicit ask that alone fills the window is
+        refused here, the upstream checks the rest (its 400 comes back as it is)."""
+        window = self.context_length
+        asked = max(req.max_new_tokens if req.max_tokens_explicit else 1, req.min_new_tokens)
+        if asked >= window:
+            raise InputError(f"this model's context is {window} tokens and {asked} were asked for, which leaves no "
+                             "room for the prompt", code="context_length_exceeded", param="messages")
+        return req.max_new_tokens if req.max_tokens_explicit else min(req.max_new_tokens, window - 1)
+
+    def acquire(self, exclude: list[Upstream]) -> Upstream:
+        """The up upstream with the fewest requests in flight (ties: the least recently picked)."""
+        with self.lock:
+            live = [u for u in self.upstreams if u.state == "up" and u not in exclude]
+            if not live:
+                raise UpstreamFailure("no upstream is available: " + "; ".join(
+                    f"{u.name} {u.state}" + (f" ({u.error})" if u.error else "") for u in self.upstreams),
+                    503, "no_upstream", outcome="none", retry_after=self.retry_after())
+            free = [u for u in live if u.in_flight < self.limit]
+            if not free:
+                raise Busy(f"server busy: every upstream has MAX_QUEUE={self.limit} requests in flight; retry shortly")
+            best = min(free, key=lambda u: (u.in_flight, u.last_pick))
+            self.picks += 1
+            best.in_flight, best.last_pick = best.in_flight + 1, self.picks
+            return best
+
+    def release(self, upstream: Upstream, outcome: str, tokens: int = 0) -> None:
+        with self.lock:
+            upstream.in_flight -= 1
+            upstream.outcomes[outcome] = upstream.outcomes.get(outcome, 0) + 1
+            upstream.tokens += tokens
+
+    def open(self, upstream: Upstream, payload: dict):
+        """POST the chat completion and read its status: 200 gives the streaming response; a refusal is
+        the client's (InputError, the upstream's own message) or an UpstreamFailure."""
+        import httpx
+
+        try:
+            response = self.http.send(self.http.build_request("POST", f"{upstream.url}/chat/completions",
+                                                              json={"model": upstream.model, **payload}), stream=True)
+        except httpx.TimeoutException:
+            raise self.timed_out(upstream, "to answer") from None
+        except httpx.HTTPError as exc:
+            raise UpstreamFailure(f"upstream {upstream.name} cannot be reached ({transport_problem(exc)})", 503,
+                                  "upstream_unreachable", outcome="connect", retry_after=self.retry_after()) from None
+        if response.status_code == 200:
+            return response
+        try:
+            body = json.loads(response.read()[:65536])
+        except (httpx.HTTPError, ValueError, UnicodeDecodeError, RecursionError):
+            body = None
+        finally:
+            response.close()
+        raise self.refusal(upstream, response, upstream_error(body) or {})
+
+    def refusal(self, upstream: Upstream, response, error: dict) -> Exception:
+        """A non-200 answer: 400/413/422 are the client's (its message, in the client's API shape);
+        429/503 mean busy (another upstream is tried, nothing is marked down); 401/403 a wrong
+        UPSTREAM_API_KEY and 5xx a failure (marked down); any other status a bad gateway."""
+        status = response.status_code
+        message = str(error.get("message") or f"HTTP {status}")
+        if status in (400, 413, 422) or (400 <= status < 500 and status not in (401, 403, 404, 408, 429)):
+            code, param = error.get("code"), error.get("param")
+            return InputError(message, status=413 if status == 413 else 400,
+                              param=param if isinstance(param, str) else None,
+                              code=code if isinstance(code, str) else "invalid_request")
+        where = f"upstream {upstream.name} answered HTTP {status}: {message}"
+        if status in (429, 503):
+            wait = response.headers.get("Retry-After", "")
+            return UpstreamFailure(where, 503, "upstream_busy", outcome="busy", down=False,
+                                   retry_after=int(wait) if wait.isdigit() else 1)
+        if status in (401, 403):
+            return UpstreamFailure(f"{where} (check UPSTREAM_API_KEY)", 502, "upstream_auth", outcome="rejected")
+        return UpstreamFailure(where, 502, outcome="http_error", down=status >= 500)
+
+    def timed_out(self, upstream: Upstream, what: str) -> UpstreamFailure:
+        return UpstreamFailure(f"upstream {upstream.name} sent nothing for UPSTREAM_TIMEOUT="
+                               f"{self.cfg.upstream_timeout:g} s (waiting {what})", 504, "upstream_timeout",
+                               outcome="timeout")
+
+    def finished(self, c: Completion) -> None:
+        with self.lock:
+            outcome = {"error": "failed", "cancelled": "cancelled"}.get(c.finish_reason, "done")
+            self.stats[f"jobs_{outcome}"] += 1
+            self.stats["tokens_generated"] += c.completion_tokens
+
+    def note_retry(self) -> None:
+        with self.lock:
+            self.retries += 1
+
+
+class UpstreamStream:
+    """TextStream's interface over one request sent upstream: iterate text pieces as they arrive;
+    `.completion` (the upstream's usage) when it ends; `.tokens` (content chunks so far, MCP progress);
+    `.job.max_new_tokens`; `.cancel()`, from any thread, ends the upstream stream at once."""
+
+    POLL_S = TextStream.POLL_S
+
+    def __init__(self, pool: UpstreamPool, req: GenerationRequest, max_new_tokens: int,
+                 client_gone: Callable[[], bool] | None, whole: bool):
+        self.pool, self.whole = pool, whole
+        self.job = UpstreamJob(req, max_new_tokens)
+        self.payload = upstream_payload(req, max_new_tokens)
+        self.client_gone = client_gone or (lambda: False)
+        self.completion: Completion | None = None
+        self.tokens = 0
+        self.tried: list[Upstream] = []
+        self.upstream: Upstream | None = None  # the one this request holds a place at
+        self.response = None
+        self.usage: dict = {}
+        self.finish: str | None = None
+        self.iterating = False
+        self.lock = threading.Lock()
+
+    def connect(self, failure: UpstreamFailure | None = None) -> None:
+        """Send to the best upstream not tried yet; a failure the client cannot have seen (refused, 5xx,
+        busy, timeout) is tried once more elsewhere. Raises the (last) failure when none is left."""
+        while True:
+            try:
+                upstream = self.pool.acquire(self.tried)
+            except (UpstreamFailure, Busy):
+                if failure is None:
+                    raise
+                raise failure from None
+            self.tried.append(upstream)
+            try:
+                self.response, self.upstream = self.pool.open(upstream, self.payload), upstream
+                return
+            except InputError:
+                self.pool.release(upstream, "rejected")
+                raise
+            except UpstreamFailure as exc:
+                self.pool.release(upstream, exc.outcome)
+                if exc.down:
+                    self.pool.mark_down(upstream, str(exc))
+                if failure is not None or not exc.retriable:
+                    raise
+                failure = exc
+                log.info("retrying on another upstream: %s", exc)
+                self.pool.note_retry()
+
+    def cancel(self) -> None:
+        self.job.cancel()
+        self._shutdown()
+        if not self.iterating and self.completion is None:  # never read (the client left first): free its place
+            self._end_attempt("cancelled")
+            self.completion = Completion("", "cancelled", 0, 0, 0.0, time.perf_counter() - self.job.submitted)
+            self.pool.finished(self.completion)
+
+    def _shutdown(self) -> None:
+        """Wake a read blocked on the upstream's socket: shutdown (safe from any thread), not close."""
+        import socket
+
+        response = self.response
+        network = response.extensions.get("network_stream") if response is not None else None
+        sock = network.get_extra_info("socket") if network is not None else None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _end_attempt(self, outcome: str, failure: UpstreamFailure | None = None) -> None:
+        """Close the upstream response and give its place back (once)."""
+        with self.lock:
+            upstream, response, self.upstream = self.upstream, self.response, None
+        if upstream is None:
+            return
+        response.close()
+        self.pool.release(upstream, outcome, int(self.usage.get("completion_tokens") or 0))
+        if failure is not None and failure.down:
+            self.pool.mark_down(upstream, str(failure))
+
+    def _read(self) -> Iterator[str]:
+        """The content pieces of the upstream's SSE; usage and finish_reason kept; transport problems,
+        a timeout, an error event or a stream that ends early raise UpstreamFailure."""
+        import httpx
+
+        upstream, ended = self.upstream, False
+        next_poll = time.monotonic() + self.POLL_S
+        try:
+            for line in self.response.iter_lines():
+                if time.monotonic() >= next_poll:
+                    next_poll = time.monotonic() + self.POLL_S
+                    if not self.job.cancelled.is_set() and self.client_gone():
+                        log.info("client disconnected: closing the upstream stream")
+                        self.job.cancel()
+                if self.job.cancelled.is_set():
+                    return
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    ended = True
+                    break
+                event = json.loads(data)
+                error = upstream_error(event)
+                if error is not None:
+                    raise UpstreamFailure(f"upstream {upstream.name} failed: {error.get('message') or error}",
+                                          outcome="failed", down=False, retriable=False)
+                if isinstance(event.get("usage"), dict):
+                    self.usage = event["usage"]
+                for choice in event.get("choices") or []:
+                    delta = choice.get("delta") or {}
+                    piece = delta.get("content") or self.tool_call_text(delta.get("tool_calls"))
+                    if piece:
+                        yield piece
+                    if choice.get("finish_reason"):
+                        if self.in_call:
+                            yield '}' + TOOL_CALL_CLOSE
+                            self.in_call = False
+                        self.finish = UPSTREAM_FINISH.get(choice["finish_reason"], "stop")
+        except httpx.TimeoutException:
+            raise self.pool.timed_out(upstream, "for the next piece of the answer" if self.tokens
+                                      else "for the first token") from None
+        except (httpx.HTTPError, httpx.StreamError) as exc:
+            if self.job.cancelled.is_set():
+                return
+            raise UpstreamFailure(f"upstream {upstream.name} broke off the answer after {self.tokens} pieces "
+                                  f"({transport_problem(exc)})", 502, "upstream_broken", outcome="broken") from None
+        except (ValueError, AttributeError, TypeError, RecursionError):
+            raise UpstreamFailure(f"upstream {upstream.name} sent something that is not an OpenAI chat completion "
+                                  "stream", 502, outcome="http_error", down=False, retriable=False) from None
+        if not ended and self.finish is None and not self.job.cancelled.is_set():
+            raise UpstreamFailure(f"upstream {upstream.name} ended the stream before the answer was complete",
+                                  502, "upstream_broken", outcome="broken")
+
+    in_call = False  # inside the upstream's (first) tool call, as <tool_call> text
+
+    def tool_call_text(self, calls) -> str:
+        """An upstream tool_calls delta as the text our grammar would have written."""
+        if not isinstance(calls, list) or not calls or calls[0].get("index", 0) != 0:
+            return ""
+        function = calls[0].get("function") or {}
+        head = ""
+        if not self.in_call and function.get("name"):
+            self.in_call = True
+            head = f'{TOOL_CALL_OPEN}{{"name": "{function["name"]}", "arguments": '
+        return head + (function.get("arguments") or "") if self.in_call else ""
+
+    def __iter__(self) -> Iterator[str]:
+        self.iterating = True
+        first_at, finish, held = None, "error", []
+        try:
+            while True:
+                try:
+                    for piece in self._read():
+                        first_at = first_at or time.perf_counter()
+                        self.tokens += 1
+                        if self.whole:
+                            held.append(piece)
+                        else:
+                            yield piece
+                    break
+                except UpstreamFailure as exc:
+                    if self.job.cancelled.is_set():
+                        break
+                    self._end_attempt(exc.outcome, exc)
+                    if (self.tokens and not self.whole) or len(self.tried) > 1 or not exc.retriable:
+                        raise
+                    log.info("retrying on another upstream: %s", exc)
+                    self.pool.note_retry()
+                    first_at, held, self.tokens, self.usage, self.finish = None, [], 0, {}, None
+                    try:
+                        self.connect(failure=exc)
+                    except InputError as refusal:  # a stream's status is sent: it can only end with a marker
+                        if self.whole:
+                            raise
+                        raise UpstreamFailure(refusal.message, retriable=False) from None
+            if held:
+                yield "".join(held)
+            finish = "cancelled" if self.job.cancelled.is_set() else (self.finish or "stop")
+        except GeneratorExit:  # the consumer (a client that hung up) stopped reading
+            finish = "cancelled"
+            raise
+        finally:
+            self._end_attempt({"error": "failed", "cancelled": "cancelled"}.get(finish, "ok"))
+            now = time.perf_counter()
+            job = self.job
+            self.completion = Completion("", finish, int(self.usage.get("prompt_tokens") or 0),
+                                         int(self.usage.get("completion_tokens") or self.tokens),
+                                         (first_at or now) - job.submitted, now - job.submitted)
+            self.pool.finished(self.completion)
+
+
+def make_engine(cfg: Config) -> Engine | UpstreamPool:
+    """The local model's engine, or with BACKEND=openai the pool of upstreams (the same interface)."""
+    return UpstreamPool(cfg) if cfg.backend == "openai" else Engine(cfg)
 
 
 # ======================================================================================
@@ -3208,6 +4157,10 @@ def register_errors(app: Flask) -> None:
     @app.errorhandler(GenerationError)
     def generation_error(exc: GenerationError):
         return error_response(500, str(exc), code="generation_failed")
+
+    @app.errorhandler(UpstreamFailure)
+    def upstream_failure(exc: UpstreamFailure):
+        return error_response(exc.status, str(exc), code=exc.code, retry_after=exc.retry_after)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
@@ -3491,23 +4444,29 @@ def ollama_name(cfg: Config) -> str:
     return f"{cfg.served_model_name}:latest"
 
 
-def ollama_details(m: LoadedModel) -> dict:
-    facts = weights_facts(m.path)
+def model_facts(m: LoadedModel | UpstreamModel) -> dict:
+    """weights_facts of the local folder; upstreams' models carry what the front knows of them."""
+    return m.facts if isinstance(m, UpstreamModel) else weights_facts(m.path)
+
+
+def ollama_details(m: LoadedModel | UpstreamModel) -> dict:
+    facts = model_facts(m)
     params = facts["params"]
     size = f"{params / 1e9:.1f}B" if params >= 1e8 else f"{params / 1e6:.1f}M" if params else ""
     dtype = str(m.dtype).replace("torch.", "")
+    level = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}.get(dtype, "unknown")
     return {"parent_model": "", "format": "safetensors", "family": facts["family"], "families": [facts["family"]],
-            "parameter_size": size, "quantization_level": {"bfloat16": "BF16", "float16": "F16"}.get(dtype, "F32")}
+            "parameter_size": size, "quantization_level": level}
 
 
-def ollama_model_entry(cfg: Config, m: LoadedModel) -> dict:
-    facts = weights_facts(m.path)
+def ollama_model_entry(cfg: Config, m: LoadedModel | UpstreamModel) -> dict:
+    facts = model_facts(m)
     return {"name": ollama_name(cfg), "model": ollama_name(cfg), "modified_at": ollama_time(facts["mtime"]),
             "size": facts["size"], "digest": facts["digest"], "details": ollama_details(m)}
 
 
-def ollama_show(cfg: Config, m: LoadedModel) -> dict:
-    facts = weights_facts(m.path)
+def ollama_show(cfg: Config, m: LoadedModel | UpstreamModel) -> dict:
+    facts = model_facts(m)
     family = facts["family"]
     return {"license": "", "modelfile": "", "parameters": "", "template": "", "details": ollama_details(m),
             "model_info": {"general.architecture": family, "general.parameter_count": facts["params"],
@@ -3634,41 +4593,70 @@ def tool_result(text: str, is_error: bool = False) -> dict:
     return {"content": [{"type": "text", "text": text}], "isError": is_error}
 
 
+class TooManySessions(Exception):
+    """Every session slot is held by a session used within MCP_SESSION_IDLE_S."""
+
+
 class McpServer:
     """The MCP protocol (tools only) over any transport: messages in, messages out.
 
     handle() yields progress notifications while a tool runs (when asked for) and then the
     response; it yields nothing for notifications. Handshake-era sessions are just ids with a
     protocol version; in-flight tool calls are kept so notifications/cancelled can stop them.
+
+    Sessions: at most MAX_SESSIONS. When they are all taken, a new initialize evicts the sessions
+    idle longest, but only those idle for SESSION_IDLE_S or more; if none is, the initialize is
+    refused (503) instead, so a flood of initialize calls cannot evict sessions in use. (Bounding
+    sessions per client would not help: on loopback every client has the same address.) An
+    evicted client gets 404 and initializes again, as the spec says.
     """
 
     MAX_SESSIONS = 1024
+    SESSION_IDLE_S = 300.0
 
-    def __init__(self, engine: Engine, stdio: bool = False):
+    def __init__(self, engine: Engine | UpstreamPool, stdio: bool = False):
         self.engine, self.stdio = engine, stdio
         self.sessions: dict[str, str] = {}  # id -> negotiated protocol version
+        self.last_used: dict[str, float] = {}  # id -> monotonic time, least recently used first
         self.inflight: dict[tuple[str, str], TextStream] = {}
         self.lock = threading.Lock()
 
     # -- sessions (handshake era) --
     def open_session(self, version: str) -> str:
+        """A new session id; TooManySessions when every slot is held by a session in use."""
         with self.lock:
+            now = time.monotonic()
             while len(self.sessions) >= self.MAX_SESSIONS:
-                self.sessions.pop(next(iter(self.sessions)))
+                oldest = next(iter(self.last_used))
+                if now - self.last_used[oldest] < self.SESSION_IDLE_S:
+                    raise TooManySessions(f"{len(self.sessions)} MCP sessions are open and in use; retry later or "
+                                          "end unused sessions (DELETE /mcp)")
+                self.sessions.pop(oldest)
+                self.last_used.pop(oldest)
             session = uuid.uuid4().hex
             self.sessions[session] = version
+            self.last_used[session] = now
             return session
 
     def has_session(self, session: str) -> bool:
-        return session in self.sessions
+        """Whether the session exists; using it marks it recently used."""
+        with self.lock:
+            if session not in self.sessions:
+                return False
+            self.last_used.pop(session)
+            self.last_used[session] = time.monotonic()
+            return True
 
     def close_session(self, session: str) -> bool:
         with self.lock:
+            self.last_used.pop(session, None)
             return self.sessions.pop(session, None) is not None
 
     # -- messages --
     def handle(self, msg, session: str = "", client_gone: Callable[[], bool] | None = None,
-               progress: bool = False, access: dict | None = None) -> Iterator[dict]:
+               progress: bool = False, access: dict | None = None, slot: Slot | Busy | None = None) -> Iterator[dict]:
+        """`slot`: the queue place a tools/call runs in (a batch reserves them up front; Busy when
+        it got none); None: taken when the call is submitted."""
         if not isinstance(msg, dict) or msg.get("jsonrpc") != "2.0":
             yield jsonrpc_error(readable_id(msg), -32600, "invalid request: expected a JSON-RPC 2.0 object")
             return
@@ -3688,7 +4676,7 @@ class McpServer:
                 raise McpError(-32602, "'params' must be an object")
             version = self.request_version(params)
             if method == "tools/call":
-                for reply in self.call_tool(msg_id, params, session, client_gone, progress, access):
+                for reply in self.call_tool(msg_id, params, session, client_gone, progress, access, slot):
                     yield self.stamped(reply, version)
                 return
             yield self.stamped({"jsonrpc": "2.0", "id": msg_id, "result": self.dispatch(method, params, version)},
@@ -3752,7 +4740,7 @@ class McpServer:
                 pieces.cancel()
 
     def call_tool(self, msg_id, params: dict, session: str, client_gone, progress: bool,
-                  access: dict | None = None) -> Iterator[dict]:
+                  access: dict | None = None, slot: Slot | Busy | None = None) -> Iterator[dict]:
         """Run the tool; input problems and busy/not-ready are tool errors (isError), not transport errors."""
         if params.get("name") != TOOL_NAME:
             raise McpError(-32602, f"unknown tool: {params.get('name')!r} (this server has {TOOL_NAME!r})")
@@ -3764,11 +4752,15 @@ class McpServer:
         try:
             if self.stdio:
                 self.engine.wait_ready()
-            pieces = stream(self.engine, prompt_request(arguments, self.engine.cfg, self.stdio), client_gone)
+            if isinstance(slot, Busy):
+                raise slot
+            with slot or self.engine.reserve() as held:  # taken before the image is decoded
+                pieces = stream(self.engine, prompt_request(arguments, self.engine.cfg, self.stdio), client_gone,
+                                held)
         except InputError as exc:
             yield {"jsonrpc": "2.0", "id": msg_id, "result": tool_result(f"invalid input: {exc.message}", True)}
             return
-        except (Busy, ModelNotReady, ModelLoadError) as exc:
+        except (Busy, ModelNotReady, ModelLoadError, GenerationError) as exc:  # an upstream's failure too
             yield {"jsonrpc": "2.0", "id": msg_id, "result": tool_result(str(exc), True)}
             return
         key = (session, json.dumps(msg_id))
@@ -3835,20 +4827,65 @@ def mcp_http(mcp: McpServer) -> Response:
     return mcp_handshake_http(mcp, message, "")
 
 
+MCP_MAX_BATCH = 16  # messages in one 2025-03-26 batch (clients send a few; later versions dropped batches)
+
+
+def is_tool_call(msg) -> bool:
+    return isinstance(msg, dict) and msg.get("method") == "tools/call" and "id" in msg
+
+
+def mcp_batch(mcp: McpServer, batch: list, session: str, gone: Callable[[], bool], access: dict | None) -> Response:
+    """A 2025-03-26 batch: at most MCP_MAX_BATCH messages; its tool calls take their places in the
+    queue up front (those beyond the free places answer 'server busy'), run one after another,
+    and once the client has gone the rest is not started."""
+    if not batch:
+        return mcp_json(jsonrpc_error(None, -32600, "invalid request: empty batch"), 400)
+    if len(batch) > MCP_MAX_BATCH:
+        return mcp_json(jsonrpc_error(None, -32600, f"invalid request: a batch of {len(batch)} messages; at most "
+                                                    f"{MCP_MAX_BATCH} per batch"), 400)
+    slots: list[Slot | Busy] = []
+    for _ in range(sum(map(is_tool_call, batch))):
+        try:
+            slots.append(mcp.engine.reserve())
+        except Busy as exc:
+            slots.append(exc)
+    replies = []
+    try:
+        for msg in batch:
+            if gone():
+                log.info("MCP client gone: %d message(s) of its batch not started", len(batch) - len(replies))
+                break
+            slot = slots.pop(0) if is_tool_call(msg) else None
+            try:
+                replies += mcp.handle(msg, session, gone, access=access, slot=slot)
+            finally:
+                if isinstance(slot, Slot) and not slot.taken:  # refused before it was submitted
+                    slot.release()
+    finally:
+        for slot in slots:
+            if isinstance(slot, Slot):
+                slot.release()
+    return mcp_json(replies, 200) if replies else Response(status=202)
+
+
 def mcp_handshake_http(mcp: McpServer, message, session: str) -> Response:
     """Handshake era: one message (or a 2025-03-26 batch) -> JSON, SSE, or 202; initialize opens
     a session; errors to well-formed requests are HTTP 200."""
     gone, access = client_gone_check(), g.get("access")
     if isinstance(message, list):
-        if not message:
-            return mcp_json(jsonrpc_error(None, -32600, "invalid request: empty batch"), 400)
-        replies = [reply for m in message for reply in mcp.handle(m, session, gone, access=access)]
-        return mcp_json(replies, 200) if replies else Response(status=202)
+        return mcp_batch(mcp, message, session, gone, access)
     if isinstance(message, dict) and message.get("method") == "initialize" and "id" in message:
         reply = next(mcp.handle(message, "", gone))
+        if "result" not in reply:
+            return mcp_json(reply, 200)
+        try:
+            session_id = mcp.open_session(reply["result"]["protocolVersion"])
+        except TooManySessions as exc:
+            response = mcp_json(jsonrpc_error(readable_id(message), -32000, str(exc)), 503)
+            response.headers["Retry-After"] = "60"
+            return response
         response = mcp_json(reply, 200)
-        if "result" in reply:
-            response.headers["Mcp-Session-Id"] = mcp.open_session(reply["result"]["protocolVersion"])
+        response.headers["Mcp-Session-Id"] = session_id
         return response
     return mcp_answer(mcp, message, session,
                       lambda reply: 400 if "error" in reply and reply["error"]["code"] in (-32600, -32700) else 200)
@@ -3965,9 +5002,34 @@ def origin_allowed(origin: str, allowed: tuple[str, ...]) -> bool:
                 return True
         elif entry.endswith(":*"):
             base = entry[:-2]
-            if origin == base or (origin.startswith(base + ":") and origin[len(base) + 1:].isdigit()):
+            if origin == base or (origin.startswith(base + ":") and PORT.fullmatch(origin[len(base) + 1:])):
                 return True
     return False
+
+
+PORT = re.compile(r"[0-9]{1,5}")  # ASCII digits only: str.isdigit() also takes "٨٠٠٠"
+HOST_PORT = re.compile(r":[0-9]{0,5}")
+
+
+def host_allowed(host: str | None, allowed: tuple[str, ...]) -> bool:
+    """The Host header's name (its port dropped, IPv6 kept in brackets) is in `allowed`, or `*` is.
+    No Host header at all (HTTP/1.0) passes: every browser sends one, so no rebinding page lacks it."""
+    if host is None or "*" in allowed:
+        return True
+    host = host.strip().lower()
+    if host.startswith("["):  # [IPv6]:port
+        end = host.find("]") + 1
+        name, port = host[:end], host[end:]
+    else:
+        name, colon, number = host.partition(":")
+        port = colon + number
+    return (not port or HOST_PORT.fullmatch(port) is not None) and name.rstrip(".") in allowed
+
+
+def body_over_limit(limit: int) -> bool:
+    """A body without Content-Length (chunked) is cut at MAX_BODY_BYTES by werkzeug without a word
+    (then parsed, truncated); read up to the limit, then look for one byte more."""
+    return len(request.get_data(cache=True)) >= limit and bool(request.environ["wsgi.input"].read(1))
 
 
 def is_public_path(path: str) -> bool:
@@ -3976,15 +5038,23 @@ def is_public_path(path: str) -> bool:
     return path in ("/health", "/") or path.startswith("/static/")
 
 
-def register_security(app: Flask, engine: Engine) -> None:
-    """403 for a foreign Origin (DNS-rebinding guard, as MCP requires), CORS for allowed ones, Bearer
-    auth, and 503 for new work once SIGTERM asked the worker to drain."""
+def register_security(app: Flask, engine: Engine | UpstreamPool) -> None:
+    """403 for a foreign Host or Origin (DNS-rebinding guards, as MCP requires: a page that rebinds
+    its own name to 127.0.0.1 sends that name as Host, and no Origin on plain GETs), CORS for allowed
+    origins, Bearer auth, 503 for new work once SIGTERM asked the worker to drain, 413 for a chunked
+    body over MAX_BODY_BYTES (Content-Length is checked by Flask)."""
     import hmac
+
+    from werkzeug.exceptions import RequestEntityTooLarge
 
     cfg = engine.cfg
 
     @app.before_request
     def check_origin_and_key():
+        if not host_allowed(request.headers.get("Host"), cfg.host_allowlist):
+            return error_response(403, f"host {request.headers.get('Host')!r} is not allowed",
+                                  "a loopback server answers to localhost, 127.0.0.1 and [::1]; set ALLOWED_HOSTS "
+                                  "to add names", code="host_not_allowed")
         origin = request.headers.get("Origin")
         if origin is not None and not origin_allowed(origin, cfg.allowed_origins):
             return error_response(403, f"origin {origin!r} is not allowed", "set ALLOWED_ORIGINS to allow it",
@@ -3999,6 +5069,9 @@ def register_security(app: Flask, engine: Engine) -> None:
                                       "send the header 'Authorization: Bearer <API_KEY>'", code="invalid_api_key")
         if engine.draining and request.path != "/health":
             return error_response(503, "server is shutting down", code="shutting_down", retry_after=5)
+        if request.content_length is None and "Transfer-Encoding" in request.headers \
+                and body_over_limit(cfg.max_body_bytes):
+            raise RequestEntityTooLarge()
         return None
 
     @app.after_request
@@ -4050,21 +5123,24 @@ def static_response(name: str) -> Response:
 # -- routes -----------------------------------------------------------------------------------
 
 
-def register_routes(app: Flask, engine: Engine) -> None:
+def register_routes(app: Flask, engine: Engine | UpstreamPool) -> None:
     cfg = engine.cfg
     mcp = McpServer(engine)
     app.extensions["hcx_mcp"] = mcp
     answers = AnswerTexts()
 
+    # Every generation takes its place in the queue (engine.reserve, a 503 when full) before its
+    # body's images are decoded: at most MAX_QUEUE + 1 requests hold decoded pixels at a time.
     @app.post("/tool/generate_hyperclovax_vision")
     def seed_generate():
         body = read_json_body()
         streaming = wants_stream(body)
-        req = prompt_request(body, cfg)
-        note_prompt(cfg, req)
-        if streaming:
-            return text_stream_response(stream(engine, req, client_gone_check()))
-        completion = generate(engine, req, client_gone_check())
+        with engine.reserve() as slot:
+            req = prompt_request(body, cfg)
+            note_prompt(cfg, req)
+            if streaming:
+                return text_stream_response(stream(engine, req, client_gone_check(), slot))
+            completion = generate(engine, req, client_gone_check(), slot)
         record_completion(g.get("access"), completion)
         if req.constraint is not None and completion.finish_reason == "length":
             return jsonify(result=completion.text, incomplete=INCOMPLETE_JSON)
@@ -4072,24 +5148,27 @@ def register_routes(app: Flask, engine: Engine) -> None:
 
     @app.post("/tool/generate_hyperclovax_vision_stream")
     def seed_generate_stream():
-        req = prompt_request(read_json_body(), cfg)
-        note_prompt(cfg, req)
-        return text_stream_response(stream(engine, req, client_gone_check()))
+        body = read_json_body()
+        with engine.reserve() as slot:
+            req = prompt_request(body, cfg)
+            note_prompt(cfg, req)
+            return text_stream_response(stream(engine, req, client_gone_check(), slot))
 
     @app.post("/v1/chat/completions")
     def chat_completions():
         body = read_json_body()
         streaming = wants_stream(body, allow_query=False)
         include_usage = stream_options(body, streaming)
-        req = openai_request(body, cfg)
-        note_prompt(cfg, req)
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        if streaming:
-            pieces = stream(engine, req, client_gone_check())
-            events = chat_completion_chunks(pieces, completion_id, created, cfg.served_model_name, include_usage,
-                                            g.get("access"), req.constraint)
-            return streaming_response(events, "text/event-stream", pieces)
-        completion = generate(engine, req, client_gone_check())
+        with engine.reserve() as slot:
+            req = openai_request(body, cfg)
+            note_prompt(cfg, req)
+            if streaming:
+                pieces = stream(engine, req, client_gone_check(), slot)
+                events = chat_completion_chunks(pieces, completion_id, created, cfg.served_model_name,
+                                                include_usage, g.get("access"), req.constraint)
+                return streaming_response(events, "text/event-stream", pieces)
+            completion = generate(engine, req, client_gone_check(), slot)
         record_completion(g.get("access"), completion)
         return jsonify(chat_completion(completion, completion_id, created, cfg.served_model_name, req.constraint))
 
@@ -4097,14 +5176,15 @@ def register_routes(app: Flask, engine: Engine) -> None:
     def responses():
         body = read_json_body()
         streaming = wants_stream(body, allow_query=False)
-        req = responses_request(body, cfg, answers.recall)
-        note_prompt(cfg, req)
-        echo = response_echo(body, req, cfg.served_model_name)
-        if streaming:
-            pieces = stream(engine, req, client_gone_check())
-            events = response_events(pieces, echo, g.get("access"), answers.remember)
-            return streaming_response(events, "text/event-stream", pieces)
-        completion = generate(engine, req, client_gone_check())
+        with engine.reserve() as slot:
+            req = responses_request(body, cfg, answers.recall)
+            note_prompt(cfg, req)
+            echo = response_echo(body, req, cfg.served_model_name)
+            if streaming:
+                pieces = stream(engine, req, client_gone_check(), slot)
+                events = response_events(pieces, echo, g.get("access"), answers.remember)
+                return streaming_response(events, "text/event-stream", pieces)
+            completion = generate(engine, req, client_gone_check(), slot)
         record_completion(g.get("access"), completion)
         status, item_id = RESPONSE_STATUS[completion.finish_reason], f"msg_{uuid.uuid4().hex}"
         answers.remember(item_id, completion.text)
@@ -4113,14 +5193,14 @@ def register_routes(app: Flask, engine: Engine) -> None:
 
     @app.get("/v1/models")
     def list_models():
-        return jsonify(object="list", data=[model_card(cfg)])
+        return jsonify(object="list", data=[model_card(cfg, engine)])
 
     @app.get("/v1/models/<path:model_id>")
     def get_model(model_id: str):
         if model_id != cfg.served_model_name:
             raise InputError(f"model {model_id!r} is not served here (this server has {cfg.served_model_name!r})",
                              status=404, param="model", code="model_not_found")
-        return jsonify(model_card(cfg))
+        return jsonify(model_card(cfg, engine))
 
     @app.route("/mcp", methods=["GET", "POST", "DELETE"], strict_slashes=False)
     def mcp_endpoint():
@@ -4151,6 +5231,8 @@ def register_routes(app: Flask, engine: Engine) -> None:
     def health():
         if engine.draining:
             return jsonify(status="draining"), 503
+        if isinstance(engine, UpstreamPool):
+            return upstream_health(engine)
         if engine.state == "loading":
             return jsonify(status="loading"), 503
         if engine.state == "error":
@@ -4163,11 +5245,29 @@ def register_routes(app: Flask, engine: Engine) -> None:
                        max_images=cfg.max_images, **({"note": m.note} if m.note else {}))
 
 
-def model_card(cfg: Config) -> dict:
-    return {"id": cfg.served_model_name, "object": "model", "created": 0, "owned_by": "hcx-server"}
+def upstream_health(pool: UpstreamPool) -> tuple[Response, int]:
+    """BACKEND=openai: 200 while at least one upstream is up, each listed with its state, model, context
+    window, requests in flight and last error; 503 while the first probes run or when none is up."""
+    cfg = pool.cfg
+    upstreams = [u.describe() for u in pool.upstreams]
+    up = sum(u["state"] == "up" for u in upstreams)
+    if pool.state == "loading":
+        return jsonify(status="loading", backend="openai", upstreams=upstreams), 503
+    return jsonify(status="ok" if up else "unavailable", backend="openai", model=cfg.served_model_name,
+                   device=f"{up} of {len(upstreams)} upstreams up", context_length=pool.context_length,
+                   queue_depth=pool.queue_depth, max_queue=cfg.max_queue, max_image_bytes=cfg.max_image_bytes,
+                   max_images=cfg.max_images, upstream_timeout=cfg.upstream_timeout, upstreams=upstreams,
+                   demo=False), 200 if up else 503
 
 
-def register_ollama_routes(app: Flask, engine: Engine) -> None:
+def model_card(cfg: Config, engine: Engine | UpstreamPool) -> dict:
+    """The model as OpenAI lists it, with vLLM's max_model_len once known (a front reads it)."""
+    window = engine.context_length
+    return {"id": cfg.served_model_name, "object": "model", "created": 0, "owned_by": "hcx-server",
+            **({"max_model_len": window} if window else {})}
+
+
+def register_ollama_routes(app: Flask, engine: Engine | UpstreamPool) -> None:
     """The Ollama API subset Ollama-speaking tools call, so a base-URL change points them here.
     Generation ignores the model name (one model is served); /api/show answers for that one."""
     cfg = engine.cfg
@@ -4185,7 +5285,7 @@ def register_ollama_routes(app: Flask, engine: Engine) -> None:
         m = engine.require_model()
         entry = ollama_model_entry(cfg, m)
         return jsonify(models=[{**entry, "expires_at": ollama_time(time.time() + 10 * 365 * 86400),
-                                "size_vram": entry["size"] if m.device.type != "cpu" else 0,
+                                "size_vram": entry["size"] if str(m.device) != "cpu" else 0,
                                 "context_length": m.context_length}])
 
     @app.post("/api/show")
@@ -4199,17 +5299,22 @@ def register_ollama_routes(app: Flask, engine: Engine) -> None:
                              param="model", code="model_not_found")
         return jsonify(ollama_show(cfg, engine.require_model()))
 
-    def answer(body: dict, req: GenerationRequest | None, chat: bool) -> Response:
-        model = body["model"]
-        if req is None:
+    def answer(body: dict, build: Callable[[dict, Config], GenerationRequest | None], chat: bool) -> Response:
+        """Ollama's load-only call (nothing to generate) takes no place in the queue; others do,
+        before their images are decoded."""
+        if ollama_loads_only(body, chat):
+            build(body, cfg)  # still validated
             engine.require_model()
-            return jsonify(ollama_loaded(model, chat))
-        note_prompt(cfg, req)
-        if body.get("stream") is not False:  # Ollama streams unless told not to
-            pieces = stream(engine, req, client_gone_check())
-            return streaming_response(ollama_chunks(pieces, model, chat, g.get("access")), "application/x-ndjson",
-                                      pieces)
-        completion = generate(engine, req, client_gone_check())
+            return jsonify(ollama_loaded(body["model"], chat))
+        model = body.get("model")
+        with engine.reserve() as slot:
+            req = build(body, cfg)
+            note_prompt(cfg, req)
+            if body.get("stream") is not False:  # Ollama streams unless told not to
+                pieces = stream(engine, req, client_gone_check(), slot)
+                return streaming_response(ollama_chunks(pieces, model, chat, g.get("access")),
+                                          "application/x-ndjson", pieces)
+            completion = generate(engine, req, client_gone_check(), slot)
         record_completion(g.get("access"), completion)
         return jsonify(ollama_answer(model, chat, completion))
 
@@ -4217,13 +5322,13 @@ def register_ollama_routes(app: Flask, engine: Engine) -> None:
     def ollama_chat():
         body = read_json_body()
         wants_stream(body, allow_query=False)  # a non-boolean "stream" is a 400
-        return answer(body, ollama_chat_request(body, cfg), chat=True)
+        return answer(body, ollama_chat_request, chat=True)
 
     @app.post("/api/generate")
     def ollama_generate():
         body = read_json_body()
         wants_stream(body, allow_query=False)
-        return answer(body, ollama_generate_request(body, cfg), chat=False)
+        return answer(body, ollama_generate_request, chat=False)
 
 
 # -- observability: access log and Prometheus metrics -----------------------------------------
@@ -4276,7 +5381,7 @@ class Metrics:
                 self.ttft.observe(access["ttft_ms"] / 1000)
                 self.prompt_tokens += access.get("tokens_in", 0)
 
-    def render(self, engine: Engine) -> str:
+    def render(self, engine: Engine | UpstreamPool) -> str:
         stats = engine.stats
         with self.lock:
             lines = ["# HELP hcx_requests_total HTTP requests by route, method and status.",
@@ -4303,7 +5408,36 @@ class Metrics:
                   f"hcx_generating {int(engine.running is not None)}",
                   "# HELP hcx_model_ready 1 once the model is loaded.", "# TYPE hcx_model_ready gauge",
                   f"hcx_model_ready {int(engine.state == 'ready')}"]
+        if isinstance(engine, UpstreamPool):
+            lines += upstream_metrics(engine)
         return "\n".join(lines) + "\n"
+
+
+def upstream_metrics(pool: UpstreamPool) -> list[str]:
+    """Per-upstream gauges and counters (BACKEND=openai); outcomes: ok, cancelled, rejected (a 4xx the
+    client gets), busy, connect, timeout, broken (mid-stream), http_error, failed."""
+    with pool.lock:
+        rows = [(u.name, u.state == "up", u.in_flight, dict(u.outcomes), u.tokens, u.marked_down)
+                for u in pool.upstreams]
+        retries = pool.retries
+    lines = ["# HELP hcx_upstream_up 1 while the upstream answers.", "# TYPE hcx_upstream_up gauge"]
+    lines += [f'hcx_upstream_up{{upstream="{name}"}} {int(up)}' for name, up, *_ in rows]
+    lines += ["# HELP hcx_upstream_in_flight Requests in flight at the upstream.",
+              "# TYPE hcx_upstream_in_flight gauge"]
+    lines += [f'hcx_upstream_in_flight{{upstream="{name}"}} {n}' for name, _, n, *_ in rows]
+    lines += ["# HELP hcx_upstream_requests_total Requests sent to the upstream, by outcome.",
+              "# TYPE hcx_upstream_requests_total counter"]
+    lines += [f'hcx_upstream_requests_total{{upstream="{name}",outcome="{outcome}"}} {count}'
+              for name, _, _, outcomes, *_ in rows for outcome, count in sorted(outcomes.items())]
+    lines += ["# HELP hcx_upstream_tokens_total Completion tokens the upstream reported.",
+              "# TYPE hcx_upstream_tokens_total counter"]
+    lines += [f'hcx_upstream_tokens_total{{upstream="{name}"}} {tokens}' for name, _, _, _, tokens, _ in rows]
+    lines += ["# HELP hcx_upstream_marked_down_total Times the upstream was marked down after a failure.",
+              "# TYPE hcx_upstream_marked_down_total counter"]
+    lines += [f'hcx_upstream_marked_down_total{{upstream="{name}"}} {n}' for name, *_, n in rows]
+    lines += ["# HELP hcx_upstream_retries_total Requests sent once more, to another upstream.",
+              "# TYPE hcx_upstream_retries_total counter", f"hcx_upstream_retries_total {retries}"]
+    return lines
 
 
 def note_prompt(cfg: Config, req: GenerationRequest) -> None:
@@ -4360,11 +5494,12 @@ def setup_logging() -> None:
     log.setLevel(logging.INFO)
 
 
-def create_app(cfg: Config | None = None, engine: Engine | None = None) -> Flask:
-    """The WSGI app; starts loading the model in this process (call it in the worker)."""
+def create_app(cfg: Config | None = None, engine: Engine | UpstreamPool | None = None) -> Flask:
+    """The WSGI app; starts loading the model (or probing the upstreams) in this process (call it in
+    the worker)."""
     setup_logging()
     cfg = cfg or load_config()
-    engine = engine or Engine(cfg).start()
+    engine = engine or make_engine(cfg).start()
     app = Flask("hcx-server", static_folder=None)  # static/ is served by the playground routes
     app.config["MAX_CONTENT_LENGTH"] = cfg.max_body_bytes
     app.json.ensure_ascii = False
@@ -4378,32 +5513,394 @@ def create_app(cfg: Config | None = None, engine: Engine | None = None) -> Flask
     return app
 
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
-
-
 def drain_on_sigterm(worker) -> None:
-    """gunicorn post_worker_init hook: on SIGTERM, refuse new work (503) while in-flight requests finish."""
+    """gunicorn post_worker_init hook. On SIGTERM the worker keeps accepting and answers new work
+    503 (shutting_down; /health says draining) until the requests in flight are done, and only
+    then lets gunicorn stop it (gunicorn's own stop closes the listener at once, so new clients got
+    a connection reset). The master kills the worker after graceful_timeout whatever happens."""
     import signal
 
     engine = worker.wsgi.extensions["hcx_engine"]
     stop_worker = worker.handle_exit
 
-    def handle_exit(sig, frame):
-        engine.draining = True
-        log.info("SIGTERM: finishing %s in-flight request(s), refusing new ones",
-                 int(engine.running is not None) + engine.queue_depth)
+    def stop_when_idle(sig, frame):
+        deadline = time.monotonic() + max(1.0, worker.cfg.graceful_timeout - 5)
+        while not engine.idle and time.monotonic() < deadline:
+            time.sleep(0.05)
         stop_worker(sig, frame)
+
+    def handle_exit(sig, frame):
+        if engine.draining:
+            return
+        engine.draining = True
+        log.info("SIGTERM: finishing %s in-flight request(s), refusing new ones", engine.in_flight)
+        threading.Thread(target=stop_when_idle, args=(sig, frame), name="hcx-drain", daemon=True).start()
 
     signal.signal(signal.SIGTERM, handle_exit)
 
 
+# -- the gunicorn worker: a thread only for a request that has fully arrived ------------------
+# gunicorn's gthread worker gives a connection to a thread as soon as it is accepted; the thread
+# then reads the request with blocking reads, so twelve clients sending a byte a second held twelve
+# threads for as long as they liked, /health included. This worker reads every request (head and
+# body) in its event loop, without a thread, under a deadline (READ_TIMEOUT), as a buffering proxy
+# would, and hands the connection to a thread only once the whole request is there (or is certain
+# to be refused: Content-Length over MAX_BODY_BYTES, a malformed head); the thread's parser then
+# reads those bytes from memory. Bodies held by the loop are bounded (READ_BUFFER_BODIES x
+# MAX_BODY_BYTES): beyond that, connections with more than a head wait for room.
+
+REQUEST_HEAD_LIMIT = 64 * 1024  # request line + headers (a bigger head is a 431)
+READ_BUFFER_BODIES = 4
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows): nothing to call
+        return None
+
+
+def release_memory() -> None:
+    """Give freed heap memory back to the OS (the worker calls it once a POST or a large request
+    is over, its body, decoded images and tensors freed): glibc keeps it otherwise, and the worker
+    stayed at 1.6-4.4 GB after large requests. ~0.03 ms when there is nothing to give back, ~40 ms
+    for a few hundred MB (ctypes lets the other threads run meanwhile)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+class RequestBuffer:
+    """One HTTP/1.1 request as its bytes arrive: `feed()` says when it can go to a thread, either
+    complete (head, then a Content-Length or chunked body up to `max_body` bytes) or `partial`
+    (over the body limit, or malformed: the app or gunicorn's parser refuses it from what is here,
+    and the connection closes after). Bytes after the request (a pipelined next one) stay in
+    `data` for the parser."""
+
+    def __init__(self, max_body: int, data: bytes = b""):
+        self.max_body, self.data = max_body, bytearray(data)
+        self.state, self.pos = "head", 0  # head | length | chunk-size | chunk-data | trailers | done
+        self.left = 0  # body (or chunk) bytes still to come
+        self.body = 0  # chunked body bytes seen
+        self.method = b""
+        self.partial = self.expect_continue = self.head_too_large = False
+
+    def feed(self, chunk: bytes = b"") -> bool:
+        self.data += chunk
+        try:
+            return self._scan()
+        except ValueError:  # malformed: gunicorn's parser answers 400 from the bytes buffered
+            self.partial = True
+            return True
+
+    def _scan(self) -> bool:
+        data = self.data
+        if self.state == "head":
+            start = 0
+            while data.startswith(b"\r\n", start):  # empty lines before a request are allowed
+                start += 2
+            end = data.find(b"\r\n\r\n", max(start, self.pos - 3))
+            if end < 0:
+                self.pos = len(data)
+                self.head_too_large = len(data) > REQUEST_HEAD_LIMIT
+                return False
+            self.pos = end + 4
+            self._read_head(bytes(data[start:end]))
+        if self.state == "length":
+            return len(data) - self.pos >= self.left
+        while self.state in ("chunk-size", "chunk-data", "trailers"):
+            if self.state == "chunk-data":
+                taken = min(len(data) - self.pos, self.left)
+                self.pos, self.left, self.body = self.pos + taken, self.left - taken, self.body + taken
+                if self.body > self.max_body:  # the app reads MAX_BODY_BYTES + 1 from here: a 413
+                    self.partial = True
+                    return True
+                if self.left or len(data) - self.pos < 2:
+                    return False
+                if data[self.pos:self.pos + 2] != b"\r\n":
+                    raise ValueError("chunk without CRLF")
+                self.pos, self.state = self.pos + 2, "chunk-size"
+                continue
+            end = data.find(b"\r\n", self.pos)
+            if end < 0:
+                if len(data) - self.pos > 8192:
+                    raise ValueError("chunk-size or trailer line too long")
+                return False
+            line, self.pos = bytes(data[self.pos:end]), end + 2
+            if self.state == "trailers":
+                if not line:
+                    self.state = "done"
+                continue
+            size = line.split(b";", 1)[0].strip()
+            if not re.fullmatch(rb"[0-9a-fA-F]{1,16}", size):
+                raise ValueError("bad chunk size")
+            self.left = int(size, 16)
+            self.state = "chunk-data" if self.left else "trailers"
+        return True
+
+    def _read_head(self, head: bytes) -> None:
+        lines = head.split(b"\r\n")
+        self.method = lines[0].split(b" ", 1)[0]
+        length, codings, expect = None, None, False
+        for line in lines[1:]:
+            name, colon, value = line.partition(b":")
+            if not colon:
+                raise ValueError("header line without a colon")
+            name, value = name.strip().lower(), value.strip()
+            if name == b"content-length":
+                if length is not None or not value.isdigit():
+                    raise ValueError("bad or repeated Content-Length")
+                length = int(value)
+            elif name == b"transfer-encoding":
+                codings = value.lower()
+            elif name == b"expect":
+                expect = value.lower() == b"100-continue"
+        if codings is not None:
+            if length is not None or codings.rsplit(b",", 1)[-1].strip() != b"chunked":
+                raise ValueError("Transfer-Encoding other than chunked, or with Content-Length")
+            self.state = "chunk-size"
+        elif length:
+            self.state, self.left = "length", length
+            if length > self.max_body:  # refused from its Content-Length (413) before any body byte
+                self.partial = True
+                self.state = "done"
+        else:
+            self.state = "done"
+        self.expect_continue = expect and lines[0].endswith(b"HTTP/1.1") and self.state != "done"
+
+
+def plain_response(status: str, message: str) -> bytes:
+    """A whole HTTP response for the loop to send itself (before any request reached the app)."""
+    body = json.dumps({"error": message}).encode()
+    return (f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n").encode() + body
+
+
+@functools.lru_cache(maxsize=None)
+def thread_worker_class(max_body: int, read_timeout: float) -> type:
+    """gunicorn's gthread worker reading whole requests in its event loop (see above). It relies
+    on gthread's internals of gunicorn 27 (pinned <28): enqueue_req is the one way a connection
+    reaches a thread, murder_pending runs every loop turn, finish_request re-queues read-ahead."""
+    from functools import partial
+    from selectors import EVENT_READ
+
+    from gunicorn.http.unreader import SocketUnreader
+    from gunicorn.workers.gthread import ThreadWorker
+
+    class BufferedUnreader(SocketUnreader):
+        """The parser's byte source: the request the loop read, then the socket."""
+
+        def __init__(self, sock, data: bytearray):
+            super().__init__(sock)
+            self.pending, self.at = memoryview(data), 0
+
+        def chunk(self, size_hint=None):
+            if self.at < len(self.pending):
+                size = max(self.mxchunk, min(size_hint or 0, self.max_body_chunk))
+                piece = bytes(self.pending[self.at:self.at + size])
+                self.at += len(piece)
+                if self.at == len(self.pending):  # all served: let the request's bytes go
+                    self.pending, self.at = memoryview(b""), 0
+                return piece
+            return super().chunk(size_hint)
+
+        def settle(self) -> None:
+            """Bytes not parsed yet (a pipelined request) go where gunicorn looks for read-ahead;
+            the request's own bytes are let go (a kept-alive connection would hold them)."""
+            if self.at < len(self.pending):
+                self.buf.seek(0, os.SEEK_END)
+                self.buf.write(self.pending[self.at:])
+            self.pending, self.at = memoryview(b""), 0
+
+    class HcxThreadWorker(ThreadWorker):
+        def init_process(self):
+            import resource
+
+            self.reading: dict = {}  # conn -> RequestBuffer, while its request arrives
+            self.paused: list = []  # reading connections waiting for room in the buffer budget
+            self.buffered, self.budget = 0, READ_BUFFER_BODIES * max_body
+            descriptors = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            in_use = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 64
+            self.max_conns = min(self.worker_connections, max(16, descriptors - in_use - 64))
+            super().init_process()
+
+        # -- in the event loop --
+        def accept(self, listener):
+            """gthread stops accepting at worker_connections, and its worker dies when out of file
+            descriptors: silent or slow clients must bring it to neither, so they make room."""
+            if self.nr_conns + 1 >= self.max_conns:
+                self.make_room()
+            try:
+                super().accept(listener)
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                    raise
+                if not self.make_room():  # every descriptor serves a request: wait for one to end
+                    time.sleep(0.01)
+
+        def make_room(self) -> bool:
+            """Close one connection that is not being served: silent first, then the oldest kept
+            alive, then the one reading longest (408)."""
+            silent = next((c for c, b in self.reading.items() if not b.data), None)
+            if silent is not None:
+                self.drop(silent)
+            elif self.keepalived_conns:
+                conn = self.keepalived_conns.popleft()
+                with contextlib.suppress(KeyError, ValueError, OSError):
+                    self.poller.unregister(conn.sock)
+                self.nr_conns -= 1
+                conn.close()
+            elif self.reading:
+                self.drop(next(iter(self.reading)), plain_response(
+                    "408 Request Timeout", "too many connections are sending requests slowly"))
+            else:
+                return False
+            return True
+
+        def enqueue_req(self, conn):
+            """Read the connection's next request before a thread gets it."""
+            if self.cfg.is_ssl:  # TLS is not served by hcx-server; gthread's own way then
+                return super().enqueue_req(conn)
+            leftover = conn.parser.unreader.take_buffered() if conn.parser is not None else b""
+            buffer = self.reading[conn] = RequestBuffer(max_body, leftover)
+            self.buffered += len(leftover)
+            conn.hcx_deadline, conn.hcx_continued = time.monotonic() + read_timeout, False
+            if buffer.feed():
+                self.hand_over(conn)
+            else:
+                self.poller.register(conn.sock, EVENT_READ, partial(self.on_request_bytes, conn))
+
+        def on_request_bytes(self, conn, _sock) -> None:
+            buffer = self.reading[conn]
+            if self.buffered > self.budget and len(buffer.data) >= REQUEST_HEAD_LIMIT:
+                self.poller.unregister(conn.sock)  # until other bodies leave the loop
+                self.paused.append(conn)
+                return
+            try:
+                data = conn.sock.recv(1 << 20)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:  # the client closed or reset the connection
+                return self.drop(conn)
+            self.buffered += len(data)
+            if buffer.feed(data):
+                self.poller.unregister(conn.sock)
+                self.hand_over(conn)
+            elif buffer.head_too_large:
+                self.drop(conn, plain_response("431 Request Header Fields Too Large",
+                                               f"request head over {REQUEST_HEAD_LIMIT} bytes"))
+            elif buffer.expect_continue and not conn.hcx_continued:
+                conn.hcx_continued = self.send(conn, b"HTTP/1.1 100 Continue\r\n\r\n")
+
+        def hand_over(self, conn) -> None:
+            buffer = self.reading.pop(conn)
+            self.buffered -= len(buffer.data)
+            conn.hcx_request, conn.hcx_partial = buffer.data, buffer.partial
+            conn.hcx_trim = buffer.method == b"POST" or len(buffer.data) >= REQUEST_HEAD_LIMIT
+            conn.data_ready = True  # gthread's wait for a first byte is over
+            self.resume_paused()
+            super().enqueue_req(conn)
+
+        def drop(self, conn, answer: bytes = b"") -> None:
+            """Close a connection whose request did not arrive (in time)."""
+            buffer = self.reading.pop(conn)
+            self.buffered -= len(buffer.data)
+            if conn in self.paused:
+                self.paused.remove(conn)
+            else:
+                with contextlib.suppress(KeyError, ValueError, OSError):
+                    self.poller.unregister(conn.sock)
+            if answer:
+                self.send(conn, answer)
+            self.nr_conns -= 1
+            conn.close()
+            self.resume_paused()
+
+        @staticmethod
+        def send(conn, data: bytes) -> bool:
+            try:
+                return conn.sock.send(data) == len(data)
+            except OSError:
+                return False
+
+        def resume_paused(self) -> None:
+            while self.paused and self.buffered <= self.budget:
+                conn = self.paused.pop(0)
+                self.poller.register(conn.sock, EVENT_READ, partial(self.on_request_bytes, conn))
+
+        def murder_pending(self):
+            """Also every loop turn: drop requests past their deadline (408) and, once stopping,
+            connections that have sent nothing."""
+            super().murder_pending()
+            now = time.monotonic()
+            for conn, buffer in list(self.reading.items()):
+                if now >= conn.hcx_deadline:
+                    self.drop(conn, plain_response("408 Request Timeout", f"the request did not arrive within "
+                                                   f"READ_TIMEOUT={read_timeout:g} s") if buffer.data else b"")
+                elif not self.alive and not buffer.data:
+                    self.drop(conn)
+
+        # -- in a thread --
+        def handle(self, conn):
+            request_bytes, conn.hcx_request = getattr(conn, "hcx_request", None), None
+            if request_bytes is not None:
+                if not conn.initialized:
+                    conn.sock.setblocking(True)
+                    conn.init()
+                conn.parser.unreader = BufferedUnreader(conn.sock, request_bytes)
+            return super().handle(conn)
+
+        def handle_request(self, req, conn):
+            if getattr(conn, "hcx_continued", False):  # the loop already sent 100 Continue
+                req._expected_100_continue = False
+            return super().handle_request(req, conn)
+
+        def _keepalive_after(self, conn, keepalive):
+            if getattr(conn, "hcx_partial", False):  # the rest of its body never came in: close
+                return False
+            return super()._keepalive_after(conn, keepalive)
+
+        # -- back in the event loop --
+        def finish_request(self, conn, fs):
+            unreader = getattr(conn.parser, "unreader", None)
+            if isinstance(unreader, BufferedUnreader):
+                unreader.settle()
+            super().finish_request(conn, fs)
+            if getattr(conn, "hcx_trim", False):  # its body, images and tensors are freed by now
+                conn.hcx_trim = False
+                release_memory()
+
+    return HcxThreadWorker
+
+
+def raise_descriptor_limit(wanted: int = 4096) -> None:
+    """Many distributions start processes with 1024 file descriptors (soft limit): lift it towards
+    the hard limit, so that 1000 connections (gunicorn's worker_connections) fit beside the model's
+    files."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 def serve(cfg: Config) -> None:
-    """gunicorn, ONE gthread worker (the model lives once), app built after the fork."""
+    """gunicorn, ONE worker (the model lives once; gthread reading whole requests first, see
+    thread_worker_class), app built after the fork."""
     from gunicorn.app.base import BaseApplication
 
     class Server(BaseApplication):
         def load_config(self):
-            options = {"bind": f"{cfg.host}:{cfg.port}", "workers": 1, "worker_class": "gthread",
+            options = {"bind": f"{cfg.host}:{cfg.port}", "workers": 1,
+                       "worker_class": thread_worker_class(cfg.max_body_bytes, cfg.read_timeout),
                        "threads": cfg.worker_threads, "timeout": 120, "graceful_timeout": 30,
                        "keepalive": 5, "control_socket_disable": True, "accesslog": None,
                        "post_worker_init": drain_on_sigterm}
@@ -4415,6 +5912,7 @@ def serve(cfg: Config) -> None:
             return create_app(cfg)
 
     setup_logging()
+    raise_descriptor_limit()
     if cfg.host not in LOOPBACK_HOSTS and not cfg.api_key and os.path.exists("/.dockerenv"):
         log.warning("binding %s inside a container without API_KEY: publish the port on 127.0.0.1 only "
                     "(the build_and_run scripts do) or set API_KEY", cfg.host)
@@ -4423,9 +5921,9 @@ def serve(cfg: Config) -> None:
         log.warning("! binding %s WITHOUT an API key: anyone who can reach this port can use the model.", cfg.host)
         log.warning("! Set API_KEY (clients send 'Authorization: Bearer <key>') or bind HOST=127.0.0.1.")
         log.warning("!" * 78)
-    if cfg.worker_threads < cfg.max_queue + 2:
-        log.warning("THREADS=%d < MAX_QUEUE+2=%d: requests beyond the threads wait unbounded in gunicorn's backlog",
-                    cfg.worker_threads, cfg.max_queue + 2)
+    if cfg.worker_threads < cfg.capacity + 1:
+        log.warning("THREADS=%d < %d (the requests taken at once, +1): requests beyond the threads wait unbounded "
+                    "in gunicorn's backlog", cfg.worker_threads, cfg.capacity + 1)
     Server().run()
 
 

@@ -852,6 +852,101 @@ def _report_full(r: dict, goals: list) -> list[str]:
     return [] if r["check_ok"] else [f"full-size {r['job']}: {r['check']}"]
 
 
+# -- --upstream-load: BACKEND=openai in front of a fleet, one upstream killed midway ----------------
+
+
+def _load_request(client, url: str, tokens: int, i: int) -> dict:
+    """One streamed chat completion through the front: ok (the whole answer and [DONE]), broken (text
+    arrived, then the API's error event: a stream cut midway, reported cleanly) or failed (an error
+    before any text: a request that had not started, which the front must never lose)."""
+    import httpx
+
+    body = {"model": "m", "messages": [{"role": "user", "content": f"Question {i}: describe a cat."}],
+            "max_tokens": tokens, "min_tokens": tokens, "temperature": 0.7, "seed": i, "stream": True}
+    started, text, done, error = time.perf_counter(), 0, False, None
+    try:
+        with client.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
+            if resp.status_code != 200:
+                return {"kind": "failed", "why": f"HTTP {resp.status_code}", "seconds": time.perf_counter() - started}
+            for line in resp.iter_lines():
+                if line == "data: [DONE]":
+                    done = True
+                elif line.startswith("data: "):
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        error = event["error"]["message"]
+                    text += sum(bool((c.get("delta") or {}).get("content")) for c in event.get("choices", []))
+    except httpx.HTTPError as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    kind = "ok" if done and not error else ("broken" if text and error else "failed")
+    return {"kind": kind, "why": error, "seconds": time.perf_counter() - started}
+
+
+def bench_upstream_load(cfg: server.Config, seconds: float, clients: int, tokens: int) -> list[str]:
+    """3 demo upstreams (`hcx-cli serve` on the demo model) behind one BACKEND=openai front; `clients`
+    streaming clients for `seconds`; one upstream SIGKILLed at a third of the run. Prints requests/s
+    and errors; a request that failed before any of its text arrived is a failed check."""
+    import dataclasses
+    import os
+    import signal
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    folder = server.locate_model(dataclasses.replace(cfg, demo=True))  # builds the demo model once
+    base = {"MODEL_PATH": str(folder), "TORCH_THREADS": "1", "MAX_QUEUE": "8", "BACKEND": "local", "UPSTREAM_URLS": ""}
+    upstreams = [_BenchServer(base) for _ in range(3)]
+    front = None
+    results: list[tuple[float, dict]] = []
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            list(pool.map(_BenchServer.start, upstreams))
+        urls = ",".join(f"http://127.0.0.1:{u.port}/v1" for u in upstreams)
+        front = _BenchServer({"BACKEND": "openai", "UPSTREAM_URLS": urls, "MAX_QUEUE": "8", "UPSTREAM_TIMEOUT": "30"})
+        front.start()
+        url, stop, t0 = f"http://127.0.0.1:{front.port}", threading.Event(), time.perf_counter()
+
+        def loop(k: int) -> None:
+            with httpx.Client(timeout=60, trust_env=False) as client:
+                i = k
+                while not stop.is_set():
+                    result = _load_request(client, url, tokens, i)
+                    results.append((time.perf_counter() - t0, result))
+                    i += clients
+
+        threads = [threading.Thread(target=loop, args=(k,), daemon=True) for k in range(clients)]
+        for thread in threads:
+            thread.start()
+        time.sleep(seconds / 3)
+        victim = upstreams[-1]
+        os.killpg(victim.proc.pid, signal.SIGKILL)
+        killed_at = time.perf_counter() - t0
+        time.sleep(seconds - seconds / 3)
+        stop.set()
+        for thread in threads:
+            thread.join(90)
+        elapsed = time.perf_counter() - t0
+        metrics = _http_get(front.port, "/metrics")[1].decode()
+    finally:
+        for srv in [front, *upstreams]:
+            if srv is not None:
+                srv.stop()
+    counts = {kind: sum(r["kind"] == kind for _, r in results) for kind in ("ok", "broken", "failed")}
+    after = [r for at, r in results if at > killed_at]
+    click.echo(f"== upstream load: {clients} streaming clients for {seconds:g} s through a BACKEND=openai front, "
+               f"3 demo upstreams, upstream 3 SIGKILLed at t={killed_at:.1f} s; {tokens} tokens per answer ==")
+    click.echo(f"requests={len(results)} rps={len(results) / elapsed:.1f} ok={counts['ok']} "
+               f"broken_midway={counts['broken']} failed_before_start={counts['failed']} "
+               f"p50_s={_median([r['seconds'] for _, r in results]):.2f} "
+               f"after_kill: requests={len(after)} ok={sum(r['kind'] == 'ok' for r in after)}")
+    for line in metrics.splitlines():
+        if line.startswith(("hcx_upstream_requests_total", "hcx_upstream_retries_total", "hcx_upstream_marked_down")):
+            click.echo(f"  {line}")
+    failures = [f"{r['why']}" for _, r in results if r["kind"] == "failed"][:5]
+    return [f"upstream load: a request that had not started failed: {why}" for why in failures]
+
+
 def _cpu_model() -> str:
     import os
     import platform
@@ -954,16 +1049,23 @@ def bench_kernels(threads: int, reps: int) -> list[str]:
                                                    "1 and all cores).")
 @click.option("--full-dtypes", default=None, help="Comma-separated dtypes (default bfloat16,float32; on CUDA "
                                                   "bfloat16,float16,float32).")
+@click.option("--upstream-load", is_flag=True, help="Only a load run through a BACKEND=openai front over 3 demo "
+                                                    "upstreams, one SIGKILLed midway (requests/s, errors).")
+@click.option("--load-seconds", type=click.FloatRange(3), default=20, show_default=True)
+@click.option("--load-clients", type=click.IntRange(1), default=8, show_default=True)
 @click.pass_obj
 def bench(cfg: server.Config, reps, tokens, threads, full, kernels, cache_dir, full_reps, full_tokens, full_threads,
-          full_dtypes):
+          full_dtypes, upstream_load, load_seconds, load_clients):
     """Measure server overhead, streaming and (--full) full-size load/prefill/decode; see BENCHMARKS.md."""
     import os
 
-    if kernels:
-        source = click.get_current_context().get_parameter_source("threads")
-        failures = bench_kernels(threads if source == click.core.ParameterSource.COMMANDLINE else os.cpu_count() or 1,
-                                 reps)
+    if upstream_load or kernels:
+        if kernels:
+            source = click.get_current_context().get_parameter_source("threads")
+            failures = bench_kernels(threads if source == click.core.ParameterSource.COMMANDLINE else os.cpu_count() or 1,
+                                     reps)
+        else:
+            failures = bench_upstream_load(cfg, load_seconds, load_clients, tokens)
         for failure in failures:
             click.echo(f"check FAILED: {failure}")
         click.echo(f"checks: {'ok' if not failures else 'FAILED'}")

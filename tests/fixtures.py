@@ -73,6 +73,7 @@ CONFIG_KEYS = (
     "HF_TOKEN", "HOST_MODEL_DIR", "MAX_NEW_TOKENS", "MAX_TOKENS_CAP", "SYSTEM_PROMPT", "HOST", "PORT",
     "THREADS", "MAX_QUEUE", "MAX_BODY_BYTES", "MAX_IMAGE_BYTES", "MAX_IMAGE_PIXELS", "MAX_IMAGES",
     "LOG_PROMPTS", "DEMO", "DEMO_MODEL_DIR", "API_KEY", "API_KEYS", "HCX_TEST_URL", "WEIGHTS", "CPU_KERNEL",
+    "BACKEND", "UPSTREAM_URLS", "UPSTREAM_API_KEY", "UPSTREAM_MODEL", "UPSTREAM_TIMEOUT",
 )
 
 
@@ -154,16 +155,22 @@ def http_get(url: str, timeout: float = 5) -> tuple[int, bytes]:
 
 
 def wait_for_health(url: str, timeout: float, alive: Callable[[], bool] = lambda: True,
-                    describe: Callable[[], str] = lambda: "", connect_timeout: float | None = None) -> dict:
-    """Poll GET {url}/health until 200; fail early if the model failed to load, the process died,
-    or (with connect_timeout) nothing answers at all for that long."""
+                    describe: Callable[[], str] = lambda: "", connect_timeout: float | None = None,
+                    health_status: str | None = None) -> dict:
+    """Poll GET {url}/health until 200 (or, with `health_status`, until its "status" is that, whatever
+    the HTTP status); fail early if the model failed to load, the process died, or (with
+    connect_timeout) nothing answers at all for that long."""
     started = time.monotonic()
     deadline = started + timeout
     last, answered = "no answer", False
     while time.monotonic() < deadline:
         status, body = http_get(f"{url}/health", timeout=5)
-        if status == 200:
+        if status == 200 and health_status is None:
             return json.loads(body)
+        if status and health_status is not None:
+            with contextlib.suppress(ValueError):
+                if json.loads(body).get("status") == health_status:
+                    return json.loads(body)
         if status:
             answered = True
             last = f"HTTP {status}: {body[:300].decode('utf-8', 'replace')}"
@@ -185,18 +192,24 @@ class LiveServer:
 
     >>> with LiveServer(model_dir, env={"MAX_QUEUE": 1}) as srv:
     ...     requests.get(srv.url + "/health")
+
+    `port` fixes the port (a restart after kill() comes back at the same address); `health_status`
+    waits for that /health status instead of a 200 (e.g. "unavailable" for a front with no live
+    upstream).
     """
 
     def __init__(self, model_path: str | os.PathLike | None, env: Mapping[str, Any] | None = None,
                  args: list[str] | tuple[str, ...] = (), startup_timeout: float = STARTUP_TIMEOUT,
-                 name: str = "hcx-test-server"):
+                 name: str = "hcx-test-server", port: int | None = None, health_status: str | None = None):
         self.model_path = None if model_path is None else str(model_path)
         self.extra_env = dict(env or {})
         self.args = list(args)
         self.startup_timeout = startup_timeout
         self.workdir = Path(tempfile.mkdtemp(prefix=f"{name}-"))
         self.log_path = self.workdir / "server.log"
-        self.port: int | None = None
+        self.fixed_port = port
+        self.health_status = health_status
+        self.port: int | None = port
         self.proc: subprocess.Popen | None = None
         self.health: dict | None = None
         self.final_log = ""
@@ -220,7 +233,7 @@ class LiveServer:
 
     def start(self) -> "LiveServer":
         for attempt in range(3):  # a free port can be taken between probing and binding
-            self.port = free_port()
+            self.port = self.fixed_port or free_port()
             self.workdir.mkdir(parents=True, exist_ok=True)  # stop() after a failed try removed it
             env = {**({"MODEL_PATH": self.model_path} if self.model_path else {}), **self.extra_env}
             cmd = [*hcx_cli(), "serve", "--host", HOST, "--port", str(self.port), *self.args]
@@ -230,12 +243,12 @@ class LiveServer:
                                              start_new_session=True)
             try:
                 self.health = wait_for_health(self.url, self.startup_timeout, alive=lambda: self.proc.poll() is None,
-                                              describe=self._describe)
+                                              describe=self._describe, health_status=self.health_status)
                 return self
             except RuntimeError:
                 in_use = "already in use" in self.log() or "Connection in use" in self.log()
                 self.stop()
-                if not in_use or attempt == 2:
+                if not in_use or attempt == 2 or self.fixed_port:
                     raise
         raise AssertionError("unreachable")
 
@@ -258,6 +271,14 @@ class LiveServer:
         if not os.environ.get("HCX_TEST_KEEP_LOGS"):
             shutil.rmtree(self.workdir, ignore_errors=True)
         return proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the process group (gunicorn master and worker) at once: a crash, no draining."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(10)
 
     def __enter__(self) -> "LiveServer":
         return self.start()

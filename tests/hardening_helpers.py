@@ -92,8 +92,38 @@ def worker_pid(master_pid: int, timeout: float = 30) -> int:
 
 def rss_kb(pid: int) -> int:
     """VmRSS of a process in kB."""
+    return _status_kb(pid, "VmRSS")
+
+
+def _status_kb(pid: int, field: str) -> int:
     text = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"^VmRSS:\s+(\d+)\s+kB", text, re.MULTILINE).group(1))
+    return int(re.search(rf"^{field}:\s+(\d+)\s+kB", text, re.MULTILINE).group(1))
+
+
+class PeakRss:
+    """The worker's peak RSS growth over a block, from /proc: VmHWM (the high-water mark) is reset
+    to the current RSS on entry (writing 5 to /proc/<pid>/clear_refs), read on exit.
+
+    >>> with PeakRss(pid) as peak:
+    ...     requests.post(...)
+    >>> peak.growth_mb
+    """
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.before_kb = self.peak_kb = 0
+
+    def __enter__(self) -> "PeakRss":
+        Path(f"/proc/{self.pid}/clear_refs").write_text("5")
+        self.before_kb = rss_kb(self.pid)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.peak_kb = _status_kb(self.pid, "VmHWM")
+
+    @property
+    def growth_mb(self) -> float:
+        return (self.peak_kb - self.before_kb) / 1024
 
 
 # ----------------------------------------------------------------------------------------

@@ -202,10 +202,11 @@ def test_tool_results_in_the_history_reach_the_prompt(url):
                    {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": "{\"a\": 2, \"b\": 3}"}}]},
                {"role": "tool", "tool_call_id": "call_1", "content": "5"}]
     req = server.openai_request({"messages": history, "tools": TOOLS}, server.load_config({}))
-    texts = [m.text for m in req.messages]
-    assert req.messages[0].role == "system" and "get_weather" in texts[0] and "<tool_call>" in texts[0]
+    prompt = server.with_constraint_instructions(req.messages, req.constraint)  # what build_inputs renders
+    texts = [m.text for m in prompt]
+    assert prompt[0].role == "system" and "get_weather" in texts[0] and "<tool_call>" in texts[0]
     assert '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>' in texts[2]
-    assert req.messages[3].role == "user" and '"content": "5"' in texts[3] and "call_1" in texts[3]
+    assert prompt[3].role == "user" and '"content": "5"' in texts[3] and "call_1" in texts[3]
     reply = client(url).chat.completions.create(model="m", messages=history, tools=TOOLS, max_tokens=40,
                                                 temperature=0)
     assert reply.choices[0].finish_reason in ("stop", "length", "tool_calls")

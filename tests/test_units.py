@@ -72,6 +72,7 @@ BAD_CONFIG = [
     ("MAX_IMAGE_BYTES", "0"),
     ("MAX_IMAGE_PIXELS", "0"),
     ("MAX_IMAGES", "0"), ("MAX_IMAGES", "100"),
+    ("MAX_TOTAL_PIXELS", "-1"), ("MAX_TOTAL_PIXELS", "lots"), ("READ_TIMEOUT", "0"), ("READ_TIMEOUT", "1.5"),
     ("LOG_PROMPTS", "maybe"),
     ("DEMO", "2"),
 ]
@@ -568,3 +569,217 @@ def test_ollama_generate_request_rejects(body, param):
     with pytest.raises(InputError) as info:
         server.ollama_generate_request(body, CFG)
     assert info.value.param == param
+
+
+# ======================================================================================
+# hardening, round two (the live-server cases are in tests/test_hardening2.py)
+# ======================================================================================
+
+
+@pytest.mark.parametrize("address", ["64:ff9b::7f00:1", "2002:7f00:1::", "::127.0.0.1", "::ffff:0:7f00:1",
+                                     "::ffff:127.0.0.1", "64:ff9b::a00:1", "2002:c0a8:101::", "::ffff:0:a9fe:a9fe",
+                                     "64:ff9b:1::7f00:1", "2001:0:4136:e378:8000:63bf:80ff:fffe",
+                                     "127.0.0.1", "10.0.0.1", "::1", "fe80::1", "::"])
+def test_ssrf_filter_unwraps_ipv4_in_ipv6(address):
+    import ipaddress
+
+    assert server.is_blocked_address(ipaddress.ip_address(address))
+
+
+@pytest.mark.parametrize("address", ["93.184.216.34", "2606:4700::1111", "64:ff9b::5db8:d822", "2002:5db8:d822::"])
+def test_ssrf_filter_lets_public_addresses_through(address):
+    import ipaddress
+
+    assert not server.is_blocked_address(ipaddress.ip_address(address))
+
+
+def test_remote_image_to_an_embedded_loopback_is_refused_without_connecting():
+    cfg = load_config({"ALLOW_REMOTE_IMAGES": "1"})
+    for url in ("http://[64:ff9b::7f00:1]:9/x.png", "http://[::127.0.0.1]:9/x.png", "http://[2002:7f00:1::]:9/x.png"):
+        with pytest.raises(InputError, match="loopback, private or reserved"):
+            server.image_from_url(url, cfg, "image_url")
+
+
+@pytest.mark.parametrize("origin", ["http://localhost:\u0668\u0660\u0660\u0660", "http://localhost:８０００",
+                                    "http://127.0.0.1:123456"])
+def test_origin_port_must_be_ascii_digits(origin):
+    assert not server.origin_allowed(origin, server.DEFAULT_ALLOWED_ORIGINS)
+    assert server.origin_allowed("http://localhost:8000", server.DEFAULT_ALLOWED_ORIGINS)
+
+
+@pytest.mark.parametrize("host,ok", [
+    ("localhost", True), ("localhost:8000", True), ("127.0.0.1:8000", True), ("[::1]:8000", True), ("[::1]", True),
+    ("LocalHost:1", True), ("localhost.:8000", True), ("localhost:", True), (None, True),
+    ("evil.example", False), ("evil.example:8000", False), ("localhost.evil.example", False),
+    ("127.0.0.1.nip.io", False), ("[::1]x", False), ("localhost:\u0668\u0660", False), ("127.0.0.2", False),
+    ("::1", False), ("", False)])
+def test_host_header_check(host, ok):
+    assert server.host_allowed(host, server.LOOPBACK_HOST_NAMES) is ok
+
+
+def test_allowed_hosts_config():
+    assert load_config({}).host_allowlist == server.LOOPBACK_HOST_NAMES
+    assert load_config({"HOST": "0.0.0.0"}).host_allowlist == ("*",)
+    cfg = load_config({"ALLOWED_HOSTS": "hcx.lan, LOCALHOST, [fd00::1]"})
+    assert cfg.host_allowlist == ("hcx.lan", "localhost", "[fd00::1]")
+    assert server.host_allowed("hcx.lan:8000", cfg.host_allowlist)
+    assert not server.host_allowed("x.lan", cfg.host_allowlist)
+    assert server.host_allowed("anything", load_config({"ALLOWED_HOSTS": "*"}).host_allowlist)
+    for bad in ("http://hcx.lan", "hcx.lan:8000", "a b", "fd00::1"):
+        with pytest.raises(ConfigError, match="ALLOWED_HOSTS"):
+            load_config({"ALLOWED_HOSTS": bad})
+
+
+def test_mcp_sessions_in_use_are_never_evicted():
+    mcp = server.McpServer(server.Engine(load_config({})))
+    mcp.MAX_SESSIONS = 8
+    mine = mcp.open_session("2025-03-26")
+    flood = [mcp.open_session("2025-03-26") for _ in range(7)]
+    with pytest.raises(server.TooManySessions):  # a flood of initialize calls: refused, not evicting
+        mcp.open_session("2025-03-26")
+    assert mcp.has_session(mine) and all(mcp.has_session(s) for s in flood)
+    for session in flood[:3]:  # three go idle past SESSION_IDLE_S; mine is used again just now
+        mcp.last_used[session] -= mcp.SESSION_IDLE_S + 1
+    assert mcp.has_session(mine)
+    fresh = [mcp.open_session("2025-03-26") for _ in range(3)]  # the idle ones make room, oldest first
+    assert not any(mcp.has_session(s) for s in flood[:3])
+    assert mcp.has_session(mine) and all(mcp.has_session(s) for s in fresh + flood[3:])
+    with pytest.raises(server.TooManySessions):
+        mcp.open_session("2025-03-26")
+
+
+def test_slots_bound_requests_and_max_queue_0_lets_none_wait():
+    engine = server.Engine(load_config({"MAX_QUEUE": "0"}))
+    slot = engine.reserve()
+    with pytest.raises(server.Busy, match="MAX_QUEUE=0"):
+        engine.reserve()
+    with slot:  # not taken by a job: freed on leaving
+        pass
+    assert engine.idle
+    engine = server.Engine(load_config({"MAX_QUEUE": "2"}))
+    held = [engine.reserve() for _ in range(3)]
+    with pytest.raises(server.Busy, match="2 requests already waiting"):
+        engine.reserve()
+    held[0].release()
+    held[0].release()  # idempotent
+    assert engine.admitted == 2
+    engine.reserve()
+
+
+def test_image_parts_are_counted_before_decoding():
+    """Garbage in the image parts beyond MAX_IMAGES: the count is the error, nothing was decoded."""
+    cfg = load_config({"MAX_IMAGES": "2"})
+    parts = [{"type": "text", "text": "hi"}] + [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}] * 3
+    with pytest.raises(InputError) as info:
+        server.openai_request({"messages": [{"role": "user", "content": parts}]}, cfg)
+    assert info.value.code == "too_many_images"
+    with pytest.raises(InputError) as info:
+        server.ollama_generate_request({"model": "m", "prompt": "hi", "images": ["@@"] * 3}, cfg)
+    assert info.value.code == "too_many_images" and info.value.param == "images"
+    with pytest.raises(InputError) as info:
+        server.responses_request({"input": [{"role": "user", "content": [
+            {"type": "input_image", "image_url": "data:,@@"}] * 3}]}, cfg)
+    assert info.value.code == "too_many_images"
+
+
+def test_pixel_budget_sums_the_request_images_from_their_headers():
+    cfg = load_config({"MAX_TOTAL_PIXELS": str(64 * 48 * 2)})
+    part = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64(image_bytes("png", size=(64, 48)))}}
+
+    def body(n: int) -> dict:
+        return {"messages": [{"role": "user", "content": [part] * n}]}
+
+    assert server.openai_request(body(2), cfg).image_count == 2
+    with pytest.raises(InputError) as info:
+        server.openai_request(body(3), cfg)
+    assert info.value.code == "image_too_large" and "MAX_TOTAL_PIXELS" in info.value.message
+    assert info.value.param == "messages[0].content[2].image_url"
+    assert load_config({}).pixel_budget == 4 * server.PIXELS_PER_IMAGE_BUDGET
+    assert load_config({"MAX_IMAGES": "2"}).pixel_budget == 2 * server.PIXELS_PER_IMAGE_BUDGET
+
+
+def test_longest_token_chars_bounds_only_what_it_can():
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    demo = server.build_demo_tokenizer()
+    longest = server.longest_token_chars(demo)
+    assert longest == max(len(t) for t in demo.get_vocab()) > 1
+    text = "The image shows a red square. 빨간색 사각형이 있습니다. " * 50
+    assert len(demo(text)["input_ids"]) * longest >= len(text)  # the bound holds on real text
+
+    def tokenizer(normalizer, model=None, pre=pre_tokenizers.ByteLevel()):
+        tok = Tokenizer(model or models.BPE())
+        tok.normalizer, tok.pre_tokenizer = normalizer, pre
+        tok.add_tokens(["abc"])
+        return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+    assert server.longest_token_chars(tokenizer(None)) == 3
+    assert server.longest_token_chars(tokenizer(normalizers.NFC())) == 12  # composing shrinks up to 4:1
+    assert server.longest_token_chars(tokenizer(normalizers.Strip())) == 0  # may delete: no bound
+    assert server.longest_token_chars(tokenizer(normalizers.Sequence([normalizers.NFKC(), normalizers.Strip()]))) == 0
+    assert server.longest_token_chars(tokenizer(None, pre=pre_tokenizers.Whitespace())) == 0  # unknown chars vanish
+    assert server.longest_token_chars(tokenizer(None, model=models.WordPiece(unk_token="[UNK]"))) == 0
+
+
+def test_text_beyond_the_context_is_refused_before_tokenizing():
+    m = server.LoadedModel(kind="text", interface="text", model=None, processor=None, tokenizer=None, name="t",
+                           path="", device=None, dtype=None, vision_dtype=None, stop_token_ids=(), pad_token_id=0,
+                           context_length=1000, max_token_chars=10)
+    req = server.GenerationRequest(messages=[server.Message("user", "x" * 10_001)], max_new_tokens=4)
+    with pytest.raises(InputError) as info:
+        server.build_inputs(m, req)  # tokenizer=None: it would fail if it tokenized
+    assert info.value.code == "context_length_exceeded"
+
+
+def _feed(raw: bytes, max_body: int = 1000, step: int | None = None) -> server.RequestBuffer:
+    buffer = server.RequestBuffer(max_body)
+    ready = False
+    for at in range(0, len(raw), step or len(raw)):
+        assert not ready, "ready before the last byte"
+        ready = buffer.feed(raw[at:at + (step or len(raw))])
+    buffer.ready = ready
+    return buffer
+
+
+HEAD = b"POST /x HTTP/1.1\r\nHost: h\r\n"
+
+
+@pytest.mark.parametrize("step", [1, 3, 1000])
+def test_request_buffer_finds_the_end_of_each_kind_of_request(step):
+    for raw in (b"GET /health HTTP/1.1\r\nHost: h\r\n\r\n",
+                HEAD + b"Content-Length: 5\r\n\r\nhello",
+                HEAD + b"Transfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\nA\r\n0123456789\r\n0\r\n\r\n",
+                HEAD + b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\nX-Trailer: 1\r\n\r\n",
+                b"\r\n" + HEAD + b"\r\n"):
+        buffer = _feed(raw, step=step)
+        assert buffer.ready and not buffer.partial, raw
+    almost = HEAD + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n"
+    assert not _feed(almost, step=step).ready  # the last CRLF is missing
+    assert not _feed(HEAD + b"Content-Length: 5\r\n\r\nhell", step=step).ready
+
+
+def test_request_buffer_hands_over_early_what_the_app_or_parser_refuses():
+    over = _feed(HEAD + b"Content-Length: 1001\r\n\r\n")  # no body byte needed for a 413
+    assert over.ready and over.partial
+    chunked_over = server.RequestBuffer(1000)
+    assert not chunked_over.feed(HEAD + b"Transfer-Encoding: chunked\r\n\r\n3e8\r\n" + b"x" * 1000)
+    assert chunked_over.feed(b"\r\n1\r\nx")  # body byte 1001 is here: MAX_BODY_BYTES + 1 to read, a 413
+    assert chunked_over.partial
+    for bad in (HEAD + b"Content-Length: 5\r\nContent-Length: 6\r\n\r\n", HEAD + b"Content-Length: -1\r\n\r\n",
+                HEAD + b"Transfer-Encoding: gzip\r\n\r\n", HEAD + b"Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+                HEAD + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n", HEAD + b"Bad header\r\n\r\n"):
+        buffer = _feed(bad)
+        assert buffer.ready and buffer.partial, bad
+    big = server.RequestBuffer(1000)
+    assert not big.feed(b"GET / HTTP/1.1\r\nX: " + b"a" * server.REQUEST_HEAD_LIMIT) and big.head_too_large
+
+
+def test_request_buffer_keeps_a_pipelined_request_and_sees_expect_continue():
+    first = HEAD + b"Content-Length: 2\r\n\r\nhi"
+    buffer = _feed(first + b"GET /health HTTP/1.1\r\n")
+    assert buffer.ready and bytes(buffer.data).startswith(first) and bytes(buffer.data).endswith(b"HTTP/1.1\r\n")
+    waiting = server.RequestBuffer(1000)
+    assert not waiting.feed(HEAD + b"Expect: 100-continue\r\nContent-Length: 2\r\n\r\n")
+    assert waiting.expect_continue
+    assert not _feed(b"POST / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n").expect_continue
