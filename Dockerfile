@@ -20,9 +20,10 @@
 #   INSTALL_REMOTE_CODE_DEPS  1 (default): also install requirements-remote-code.txt
 #                (timm, einops, torchvision), which the real model's remote code needs.
 #                0: leave them out (CPU test images with a tiny model).
-#   INSTALL_COMPILER    1 (default): install g++ so that CPUs with AVX512-BF16 build the fast
-#                bf16 decode kernel once at first start (GENERATION_BACKEND=auto/gemv, ~1.8x
-#                decode, see BENCHMARKS.md); 0: leave it out (CPU decode then runs eager).
+#   INSTALL_COMPILER    1 (default): install g++ so that CPUs with AVX2 or AVX-512 build the
+#                fast one-row decode kernels (kernels/*.cpp, bf16 and int8) once at first start
+#                (GENERATION_BACKEND=auto/gemv, ~1.8x decode, see BENCHMARKS.md); 0: leave it
+#                out (CPU decode then runs torch's kernels).
 #   APP_UID / APP_GID   The non-root user the server runs as (default 1000:1000).
 #
 # .docker-build/ (git-ignored, optional) is copied into the dependency stage only: local
@@ -96,10 +97,12 @@ RUN set -eu; \
     fi
 COPY --from=deps /opt/venv /opt/venv
 # The project itself (py-modules server and cli, the benchmarks package, the playground page
-# static/ installed as hcx_server_static, console script hcx-cli), no dependencies.
+# static/ installed as hcx_server_static, the CPU kernels' sources kernels/ as hcx_server_kernels,
+# console script hcx-cli), no dependencies.
 COPY pyproject.toml README.m[d] server.py cli.py /tmp/src/
 COPY benchmarks /tmp/src/benchmarks/
 COPY static /tmp/src/static/
+COPY kernels /tmp/src/kernels/
 RUN set -eu; \
     [ -f /tmp/src/README.md ] || : >/tmp/src/README.md; \
     pip install --no-deps --no-build-isolation /tmp/src; \

@@ -32,17 +32,18 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
 @click.option("--model-path", envvar=None, default=None, help="Model folder or hub id (overrides MODEL_PATH).")
 @click.option("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (overrides DEVICE).")
 @click.option("--dtype", default=None, help="auto, bfloat16, float16 or float32 (overrides DTYPE).")
+@click.option("--weights", default=None, help="auto or int8: weight-only int8 decoder on CPUs (overrides WEIGHTS).")
 @click.option("--demo", is_flag=True, help="Use a tiny random-weight demo model (no download; gibberish answers).")
 @click.option("-v", "--verbose", is_flag=True, help="Log loading and generation details to stderr.")
 @click.version_option(server.__version__, prog_name="hcx-cli")
 @click.pass_context
-def main(ctx: click.Context, model_path, device, dtype, demo, verbose) -> None:
+def main(ctx: click.Context, model_path, device, dtype, weights, demo, verbose) -> None:
     """Local inference and server for HyperCLOVA X SEED Vision Instruct 3B."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     env = server.environment()
     env.update({key: value for key, value in (("MODEL_PATH", model_path), ("DEVICE", device), ("DTYPE", dtype),
-                                              ("DEMO", "1" if demo else None)) if value})
+                                              ("WEIGHTS", weights), ("DEMO", "1" if demo else None)) if value})
     try:
         ctx.obj = server.load_config(env)
     except server.ConfigError as exc:

@@ -72,12 +72,18 @@ DEMO_MODEL_NAME = "hcx-demo-tiny-random"
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, mps"
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 VISION_DTYPE_CHOICES = ("auto", "float32")
-# auto: "static" on CUDA, "gemv" on CPUs with AVX512-BF16 and bf16 weights, else "eager" (all three our own
-# decode loop); "hf" = plain model.generate, also picked for a model our loop cannot drive. See section 4.
+# auto: "static" on CUDA, "gemv" (our CPU kernels, kernels/*.cpp) on CPUs with AVX2 or AVX-512 running bf16
+# or int8 weights, else "eager" (all three our own decode loop); "hf" = plain model.generate, also picked
+# for a model our loop cannot drive. See section 4.
 GENERATION_BACKEND_CHOICES = ("auto", "static", "gemv", "eager", "hf")
 # local: this process loads the model; openai: no model here, every API is served by OpenAI-compatible
 # upstreams (vLLM replicas serving this model, or other hcx-servers), see section 4's UpstreamPool.
 BACKEND_CHOICES = ("local", "openai")
+# Which of our CPU kernels runs one-row products: auto = the best this CPU runs (AVX-512, else AVX2),
+# or forced (a variant the CPU lacks falls back to auto with a warning); torch = torch's own.
+CPU_KERNEL_CHOICES = ("auto", "avx512", "avx2", "torch")
+# auto: the decoder's linear layers keep DTYPE; int8: weight-only int8 (CPU), quantized at load.
+WEIGHTS_CHOICES = ("auto", "int8")
 
 
 # Browser pages served from these origins may call the API; ":*" means any port, "scheme://*" any
@@ -126,6 +132,8 @@ class Config:
     max_model_len: int = 0  # 0: the model's own context window
     torch_threads: int = 0  # 0: torch's default (all cores)
     generation_backend: str = "auto"
+    cpu_kernel: str = "auto"
+    weights: str = "auto"
     log_prompts: bool = False
     allow_remote_images: bool = False
     remote_image_timeout: float = 10.0
@@ -312,6 +320,8 @@ def load_config(env: Mapping[str, str] | None = None, **overrides: Any) -> Confi
         max_model_len=_env_int(env, "MAX_MODEL_LEN", 0, 0, 1 << 24),
         torch_threads=_env_int(env, "TORCH_THREADS", 0, 0, 1024),
         generation_backend=_env_choice(env, "GENERATION_BACKEND", "auto", GENERATION_BACKEND_CHOICES),
+        cpu_kernel=_env_choice(env, "CPU_KERNEL", "auto", CPU_KERNEL_CHOICES),
+        weights=_env_choice(env, "WEIGHTS", "auto", WEIGHTS_CHOICES),
         log_prompts=_env_bool(env, "LOG_PROMPTS", False),
         allow_remote_images=_env_bool(env, "ALLOW_REMOTE_IMAGES", False),
         remote_image_timeout=float(_env_int(env, "REMOTE_IMAGE_TIMEOUT", 10, 1, 300)),
@@ -386,6 +396,8 @@ class LoadedModel:
     static: Any = None  # StaticDecode: the static KV cache (and compiled step) made at load
     grammar_tokenizer: Any = None  # llguidance's tokenizer, made on the first structured-output request
     max_token_chars: int = 0  # characters one token stands for at most; 0 = unknown (longest_token_chars)
+    weights: str = ""  # the decoder's linear layers as served: "int8", "bf16", "fp32" or "fp16"
+    kernel: str = "torch"  # what runs one-row CPU products: a KERNEL_VARIANTS key or "torch" (section 4)
 
 
 def resolve_device(cfg: Config) -> torch.device:
@@ -420,18 +432,26 @@ def cpu_flags() -> frozenset[str]:
 
 
 def cpu_has_native_bf16() -> bool:
-    """bf16 only pays on CPUs with bf16 instructions (AVX512-BF16 / AMX); others emulate it slowly."""
+    """bf16 instructions (AVX512-BF16 / AMX): torch's own bf16 kernels are fast there."""
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def cpu_bf16_pays(cpu_linears: bool = True) -> bool:
+    """bf16 halves the bytes every decode step reads. It pays where torch has bf16 instructions,
+    and on every CPU with AVX2+FMA when our linear layers run (section 4): they decode with our
+    AVX2 kernel (torch's bf16 product without a compiler) and widen many-row products to fp32,
+    so prefill never meets torch's emulated bf16 GEMM. Older CPUs stay in fp32."""
+    return cpu_has_native_bf16() or (cpu_linears and {"avx2", "fma"} <= cpu_flags())
+
+
+def resolve_dtype(name: str, device: torch.device, cpu_linears: bool = True) -> torch.dtype:
     if name != "auto":
         return getattr(torch, name)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "mps":
         return torch.float16
-    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    return torch.bfloat16 if cpu_bf16_pays(cpu_linears) else torch.float32
 
 
 def looks_local(path: str) -> bool:
@@ -802,6 +822,123 @@ def cast_floats(value: Any, dtype: torch.dtype, device: torch.device | None = No
     return value
 
 
+# -- weight-only int8 (WEIGHTS=int8): the decoder's linear layers, quantized at load ---------
+# Symmetric, one scale per output row (absmax / 127), from the checkpoint itself (no extra file).
+# The vision tower and the projector stay as loaded; so does the input embedding (a tied lm_head
+# gets its own int8 copy). The weights arrive as views into the mmap-ed safetensors files, so a
+# layer's bf16 pages are handed back to the OS (madvise) as soon as it is quantized: the peak
+# stays near the int8 model, not the bf16 one.
+DECODER_NAMES = ("language_model", "text_model", "llm")
+INT8_CHUNK_ELEMENTS = 1 << 20  # weights quantized at a time by torch ops (bounded fp32 temporaries)
+INT8_KERNEL_CHUNK_ELEMENTS = 1 << 24  # by our one-pass kernel (32 MB of bf16 read before it is released)
+
+
+def decoder_linears(model) -> list[torch.nn.Linear]:
+    """The language model's nn.Linear layers and the lm_head, never the vision tower or projector."""
+    roots: list[tuple[str, torch.nn.Module]] = []
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in DECODER_NAMES and not any(name.startswith(f"{r}.") for r, _ in roots):
+            roots.append((name, module))
+    modules = [module for _, module in roots] or [model.get_decoder()]
+    head = model.get_output_embeddings()
+    found = {id(m): m for root in modules + ([head] if head is not None else []) for m in root.modules()
+             if type(m) is torch.nn.Linear}
+    return list(found.values())
+
+
+def quantize_int8(weight: torch.Tensor, done: Callable[[int], None] | None = None,
+                  kernel: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weight, fp32 scale per row) with |w - q * scale| <= scale / 2, INT8_CHUNK_ELEMENTS at
+    a time (`kernel`: torch.ops.hcx_server.quantize_int8, one pass per row; else torch ops);
+    done(rows) after each chunk lets the caller release what it has read."""
+    rows, cols = weight.shape
+    q = torch.empty(rows, cols, dtype=torch.int8)
+    scale = torch.empty(rows, dtype=torch.float32)
+    step = max(1, (INT8_CHUNK_ELEMENTS if kernel is None else INT8_KERNEL_CHUNK_ELEMENTS) // cols)
+    for i in range(0, rows, step):
+        source = weight[i:i + step]
+        if kernel is not None and source.dtype in (torch.bfloat16, torch.float32) and source.is_contiguous():
+            kernel(source, q[i:i + step], scale[i:i + step])
+        else:
+            part = source.to(torch.float32, copy=True)  # never scaled in place: a tied embedding lives on
+            low, high = torch.aminmax(part, dim=1)
+            s = torch.maximum(-low, high).clamp_min_(1e-30) / 127
+            q[i:i + step] = part.div_(s[:, None]).round_().clamp_(-127, 127)
+            scale[i:i + step] = s
+        if done is not None:
+            done(min(rows, i + step))
+    return q, scale
+
+
+def file_mappings() -> list[tuple[int, int]]:
+    """Address ranges of this process's mmap-ed safetensors files (Linux; empty elsewhere)."""
+    ranges = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split()
+                if len(fields) >= 6 and fields[5].endswith(".safetensors"):
+                    start, end = (int(x, 16) for x in fields[0].split("-"))
+                    ranges.append((start, end))
+    except OSError:
+        pass
+    return ranges
+
+
+def release_file_pages(tensor: torch.Tensor, mappings: list[tuple[int, int]]) -> int:
+    """Drop the resident pages of a tensor that is a view into a mmap-ed checkpoint file
+    (MADV_DONTNEED: clean file pages are re-read from the file if ever touched again, so this is
+    safe even while the tensor lives, as a tied input embedding does). Returns bytes released."""
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    if not any(lo <= start and end <= hi for lo, hi in mappings):
+        return 0
+    import ctypes
+    import mmap
+
+    page = mmap.PAGESIZE
+    first, last = -(-start // page) * page, end // page * page
+    if last <= first:
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return last - first if libc.madvise(first, last - first, 4) == 0 else 0  # 4: MADV_DONTNEED
+
+
+def quantize_decoder_int8(model) -> tuple[int, int]:
+    """Every decoder linear layer (lm_head included) to Int8Linear (section 4), layer by layer,
+    each one's checkpoint pages released chunk by chunk as it is read; returns (layers, bytes
+    of checkpoint pages handed back to the OS)."""
+    try:
+        load_kernels()
+        kernel = torch.ops.hcx_server.quantize_int8
+    except KernelUnavailable:
+        kernel = None  # torch ops: the same numbers, ~20x slower
+    mappings = file_mappings()
+    layers = released = 0
+    for linear in decoder_linears(model):
+        source = linear.weight.detach()
+        if source.dim() != 2 or not source.is_floating_point():
+            continue
+        read = [0]
+
+        def done(rows: int) -> None:
+            released_now = release_file_pages(source[read[0]:rows], mappings)
+            read[0] = rows
+            return released_now
+
+        q, scale = quantize_int8(source, done, kernel)
+        linear.__class__ = Int8Linear
+        linear.weight = torch.nn.Parameter(q, requires_grad=False)
+        linear.register_buffer("weight_scale", scale, persistent=False)
+        released += release_file_pages(source, mappings)  # the pages between chunks too
+        layers += 1
+    return layers, released
+
+
+WEIGHT_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}
+
+
 def stop_token_ids(tokenizer, model) -> tuple[int, ...]:
     """End-of-turn ids looked up in the tokenizer (never hard-coded), plus the model's eos."""
     ids: list[int] = []
@@ -886,7 +1023,7 @@ def load_model(cfg: Config) -> LoadedModel:
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     device = resolve_device(cfg)
-    dtype = resolve_dtype(cfg.dtype, device)
+    dtype = resolve_dtype(cfg.dtype, device, cfg.generation_backend in ("auto", "gemv") or cfg.weights == "int8")
     info = inspect_model_folder(locate_model(cfg))
     log.info("loading %s (%s interface, revision %s) from %s on %s as %s", info.kind, info.interface,
              info.revision or "unknown", info.path, device, str(dtype).replace("torch.", ""))
@@ -903,6 +1040,15 @@ def load_model(cfg: Config) -> LoadedModel:
     if cfg.vision_dtype == "float32" and dtype != torch.float32 and info.kind != "text":
         keep_vision_in_float32(model, dtype)
         vision_dtype = torch.float32
+    weights = WEIGHT_NAMES.get(dtype, str(dtype))
+    if cfg.weights == "int8" and device.type != "cpu":
+        log.warning("WEIGHTS=int8 is for CPUs (the model is on %s): serving %s weights", device.type, weights)
+    elif cfg.weights == "int8":
+        quantized = time.perf_counter()
+        layers, released = quantize_decoder_int8(model)
+        weights = "int8"
+        log.info("WEIGHTS=int8: %d decoder linear layers quantized in %.1f s (%.2f GB of checkpoint pages released)",
+                 layers, time.perf_counter() - quantized, released / 1e9)
     stops = stop_token_ids(tokenizer, model)
     window = context_length(model, tokenizer)
     if cfg.max_model_len > window:
@@ -917,12 +1063,13 @@ def load_model(cfg: Config) -> LoadedModel:
                          dtype=dtype, vision_dtype=vision_dtype, stop_token_ids=stops, pad_token_id=pad,
                          context_length=cfg.max_model_len or window, revision=info.revision,
                          image_token_id=image_token_id(model, tokenizer) if info.kind != "text" else None,
-                         demo=cfg.demo, note="; ".join(notes), max_token_chars=longest_token_chars(tokenizer))
+                         demo=cfg.demo, note="; ".join(notes), max_token_chars=longest_token_chars(tokenizer),
+                         weights=weights)
     loaded.generation_backend = prepare_generation_backend(cfg, loaded)
     loaded.load_seconds = time.perf_counter() - started
-    log.info("model ready in %.1f s: %s interface, revision %s, context %d tokens, stop ids %s, %s generation",
-             loaded.load_seconds, loaded.interface, loaded.revision or "unknown", loaded.context_length, list(stops),
-             loaded.generation_backend)
+    log.info("model ready in %.1f s: %s interface, revision %s, context %d tokens, stop ids %s, %s weights, "
+             "%s generation, kernel %s", loaded.load_seconds, loaded.interface, loaded.revision or "unknown",
+             loaded.context_length, list(stops), loaded.weights, loaded.generation_backend, loaded.kernel)
     return loaded
 
 
@@ -2566,202 +2713,344 @@ def drain_tokens(job: Job) -> list[int]:
     return ids
 
 
-# -- generation backends -----------------------------------------------------------------
-# "eager" runs model.generate as transformers ships it. "gemv" runs the very same generate()
-# call (streamer, cancel criterion, min_new_tokens, stop ids, the HCX remote code) and swaps
-# only the kernel under one-row bf16 linear layers. Decode is one matrix-vector product per
-# weight matrix per token, so it is bound by memory bandwidth; on CPUs with AVX512-BF16,
-# torch's bf16 matrix-vector product (oneDNN) reads weights at only ~half the bandwidth,
-# a plain AVX512-BF16 dot-product loop reads them at ~full bandwidth (BENCHMARKS.md).
-# Prefill (many rows) keeps torch's matmul, which is fast there.
+# -- generation backends: our CPU kernels ---------------------------------------------------
+# "gemv" runs the same decode loop as "eager" and swaps only the kernels under the linear layers
+# (nn.Linear -> GemvLinear / Int8Linear, same parameters, no copy). Decode is one matrix-vector
+# product per weight matrix per token, so it is bound by memory bandwidth; torch's own CPU
+# products read the weights at only a third to two thirds of it, our one-row kernels
+# (kernels/*.cpp) at ~85-90 % (`hcx-cli bench --kernels`, BENCHMARKS.md).
+# Prefill and the vision tower (many rows) run torch's matmul: in bf16 where the CPU has bf16
+# instructions (oneDNN), else widened to fp32 chunk by chunk (MKL), because torch's emulated
+# bf16 GEMM is ~3-4x and its bf16 convolution ~50x slower than fp32 there.
 
-GEMV_SOURCE = r"""
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-#include <immintrin.h>
-#include <omp.h>
-#include <cstring>
-
-namespace {
-constexpr int64_t ROWS = 8;       // weight rows per step: 8 read streams per thread, x loaded once
-constexpr int64_t PREFETCH = 512;  // elements (1 KB) ahead in each row: +5-10 % bandwidth here
-
-inline uint16_t to_bf16(float f) {  // round to nearest even, as torch does
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return (uint16_t)(u >> 16);
+KERNEL_LIBRARY = "hcx_server_kernels"
+KERNEL_CFLAGS = ["-O3", "-fopenmp", "-w"]  # -w: GCC 12's own intrinsics headers warn about themselves
+# variant -> the CPU flags it needs (/proc/cpuinfo); each runs as torch.ops.hcx_server.gemv_<variant>
+KERNEL_VARIANTS = {
+    "bf16_avx512bf16": frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}),
+    "bf16_avx2": frozenset({"avx2", "fma"}),
+    "int8_avx512": frozenset({"avx512f", "avx512bw", "avx512vl"}),
+    "int8_avx2": frozenset({"avx2", "fma"}),
 }
-
-template <int R>
-inline void dot_rows(const uint16_t* w, const uint16_t* x, int64_t K, float* out) {
-  __m512 acc[R];
-  for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 32 <= K; k += 32) {
-    __m512bh xv = (__m512bh)_mm512_loadu_si512(x + k);
-    for (int r = 0; r < R; r++) {
-      _mm_prefetch((const char*)(w + r * K + k + PREFETCH), _MM_HINT_T0);  // never faults, even past the end
-      acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(w + r * K + k), xv);
-    }
-  }
-  if (k < K) {
-    __mmask32 m = (__mmask32)((1ull << (K - k)) - 1);
-    __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(m, x + k);
-    for (int r = 0; r < R; r++)
-      acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_maskz_loadu_epi16(m, w + r * K + k), xv);
-  }
-  for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
-}
-
-// y = x w^T + b for ONE row x (bf16), fp32 accumulation, bf16 out.
-at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "gemv_bf16: bf16 only");
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && x.is_contiguous(), "gemv_bf16: contiguous 2-d weight");
-  const int64_t N = w.size(0), K = w.size(1);
-  TORCH_CHECK(x.numel() == K, "gemv_bf16: one input row");
-  auto sizes = x.sizes().vec();
-  sizes.back() = N;
-  at::Tensor y = at::empty(sizes, x.options());
-  at::Tensor bias = b.has_value() ? b->to(at::kFloat).contiguous() : at::Tensor();
-  const float* B = bias.defined() ? bias.data_ptr<float>() : nullptr;
-  const uint16_t* W = reinterpret_cast<const uint16_t*>(w.data_ptr());
-  const uint16_t* X = reinterpret_cast<const uint16_t*>(x.data_ptr());
-  uint16_t* Y = reinterpret_cast<uint16_t*>(y.data_ptr());
-  // torch's own OpenMP pool and thread count; dynamic chunks of 128 rows, so a thread that the
-  // OS preempts (cores shared with other work) delays the step by a chunk, not by half the matrix
-  const int64_t blocks = (N + ROWS - 1) / ROWS;
-  const int threads = (int)std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks / 16));
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 16)
-  for (int64_t block = 0; block < blocks; block++) {
-    float out[ROWS];
-    const int64_t n0 = block * ROWS, rows = std::min(ROWS, N - n0);
-    if (rows == ROWS) {
-      dot_rows<ROWS>(W + n0 * K, X, K, out);
-    } else {
-      for (int64_t r = 0; r < rows; r++) dot_rows<1>(W + (n0 + r) * K, X, K, out + r);
-    }
-    for (int64_t r = 0; r < rows; r++) Y[n0 + r] = to_bf16(out[r] + (B ? B[n0 + r] : 0.f));
-  }
-  return y;
-}
-}  // namespace
-
-TORCH_LIBRARY(hcx_server, m) { m.def("gemv_bf16(Tensor x, Tensor w, Tensor? b) -> Tensor"); }
-TORCH_LIBRARY_IMPL(hcx_server, CPU, m) { m.impl("gemv_bf16", &gemv_bf16); }
-"""
-GEMV_FLAGS = ("-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-w", "-mavx512f", "-mavx512bw", "-mavx512vl",
-              "-mavx512bf16")
-_gemv_lock = threading.Lock()
-_gemv_loaded = False
+WIDEN_CHUNK_BYTES = 8 << 20  # many-row products widen this much weight at a time (a bounded temporary)
+_kernels_lock = threading.Lock()
+_kernels: dict[str, Any] = {}  # once per process: "variants" (passed their self-test) or "error"
 
 
-class GemvUnavailable(RuntimeError):
-    """The fast decode kernel cannot run here; the message says why (generation stays eager)."""
+class KernelUnavailable(RuntimeError):
+    """Our CPU kernels cannot run here; the message says why (torch's own kernels run instead)."""
 
 
-class GemvLinear(torch.nn.Linear):
-    """nn.Linear whose one-row bf16 products (every decode step, the prefill's last-token
-    logits) use the AVX512-BF16 kernel; everything else is torch's own linear."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.bfloat16 and x.numel() == self.in_features and self.weight.dtype == torch.bfloat16:
-            return torch.ops.hcx_server.gemv_bf16(x.contiguous(), self.weight, self.bias)
-        return torch.nn.functional.linear(x, self.weight, self.bias)
+def kernel_sources() -> Path:
+    """kernels/ beside server.py, or the package hcx_server_kernels that `pip install .` made."""
+    try:
+        return project_folder("kernels", "ops.cpp")
+    except FileNotFoundError as exc:
+        raise KernelUnavailable(str(exc)) from None
 
 
-def gemv_unsupported(m: LoadedModel) -> str | None:
-    """Why the gemv backend cannot apply to this model/device, or None when it can."""
-    if m.device.type != "cpu":
-        return f"the fast decode kernel is for CPUs and the model is on {m.device.type}"
-    if m.dtype != torch.bfloat16:
-        return f"the fast decode kernel needs bfloat16 weights, the model is {str(m.dtype).replace('torch.', '')}"
-    if "avx512_bf16" not in cpu_flags():
-        return "this CPU has no AVX512-BF16 instructions"
-    return None
+@contextlib.contextmanager
+def build_lock(folder: Path):
+    """An OS file lock (released when its holder dies, unlike torch's FileBaton) around a build."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: one builder at a time is the user's affair
+        yield
+        return
+    with open(folder / "hcx-build.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def compile_gemv_kernel() -> Path:
-    """Build the kernel once per machine with the system C++ compiler; cached by source hash."""
+def build_kernels() -> Path:
+    """Build kernels/*.cpp once per machine into ONE library with torch.utils.cpp_extension
+    (ninja, files compiled in parallel, torch's include/link flags), in a folder named by a
+    hash of the sources, torch and the compiler: a change of any rebuilds, nothing else does."""
     import hashlib
     import shutil
-    import subprocess
 
-    compiler = shutil.which(os.environ.get("CXX") or "g++")
-    if compiler is None:
-        raise GemvUnavailable("no C++ compiler (g++, or $CXX) on PATH to build the kernel once")
-    torch_dir = Path(torch.__file__).resolve().parent
-    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
-    key = hashlib.sha256("\n".join([GEMV_SOURCE, torch.__version__, str(torch_dir), compiler, abi, *GEMV_FLAGS])
-                         .encode()).hexdigest()[:16]
-    folder = Path.home() / ".cache" / "hcx-server" / "kernels" / key
-    library = folder / "hcx_gemv.so"
+    source_dir = kernel_sources()
+    sources = sorted(source_dir.glob("*.cpp"))
+    compiler = os.environ.get("CXX") or "c++"
+    digest = hashlib.sha256()
+    for part in [torch.__version__, str(Path(torch.__file__).parent), compiler, *KERNEL_CFLAGS]:
+        digest.update(part.encode() + b"\0")
+    for path in sources + sorted(source_dir.glob("*.h")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    folder = Path.home() / ".cache" / "hcx-server" / "kernels" / digest.hexdigest()[:16]
+    library = folder / f"{KERNEL_LIBRARY}.so"
     if library.is_file():
         return library
+    if shutil.which(compiler) is None:
+        raise KernelUnavailable(f"no C++ compiler ({compiler}, or $CXX) on PATH to build the CPU kernels once")
+    if shutil.which("ninja") is None:
+        try:
+            import ninja  # the PyPI wheel: its binary may not be on PATH when the venv is not activated
+        except ImportError:
+            raise KernelUnavailable("ninja is not installed (pip install ninja) to build the CPU kernels") from None
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "hcx_gemv.cpp").write_text(GEMV_SOURCE)
     except OSError as exc:
-        raise GemvUnavailable(f"cannot write the kernel build folder {folder}: {exc.strerror or exc}") from None
-    partial = folder / f"hcx_gemv.{os.getpid()}.{threading.get_ident()}.so"  # concurrent builders never clash
-    lib = torch_dir / "lib"
-    command = [compiler, *GEMV_FLAGS, abi, f"-I{torch_dir / 'include'}",
-               f"-I{torch_dir / 'include' / 'torch' / 'csrc' / 'api' / 'include'}", str(folder / "hcx_gemv.cpp"),
-               "-o", str(partial), f"-L{lib}", f"-Wl,-rpath,{lib}", "-lc10", "-ltorch_cpu"]
-    log.info("building the AVX512-BF16 decode kernel once into %s (10-30 s)", folder)
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise GemvUnavailable(f"running {compiler} failed: {exc}") from None
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise GemvUnavailable(f"compiling the kernel failed: {last}")
-    os.replace(partial, library)
+        raise KernelUnavailable(f"cannot create the kernel build folder {folder}: {exc.strerror or exc}") from None
+    with build_lock(folder):
+        if library.is_file():  # another process built it while this one waited
+            return library
+        (folder / "lock").unlink(missing_ok=True)  # torch's own lock, left behind by a killed build
+        log.info("building the CPU kernels once into %s (~20 s)", folder)
+        started = time.perf_counter()
+        from torch.utils import cpp_extension
+
+        try:
+            cpp_extension.load(name=KERNEL_LIBRARY, sources=[str(s) for s in sources], extra_cflags=KERNEL_CFLAGS,
+                               extra_ldflags=["-fopenmp"], extra_include_paths=[str(source_dir)],
+                               build_directory=str(folder), is_python_module=False, verbose=False)
+        except (RuntimeError, OSError, ValueError) as exc:  # a failed compiler run is a RuntimeError
+            lines = [line for line in str(exc).splitlines() if "error" in line.lower()] or str(exc).splitlines()
+            raise KernelUnavailable(f"building the CPU kernels failed: {(lines or ['?'])[0].strip()}") from None
+        log.info("built the CPU kernels in %.1f s", time.perf_counter() - started)
     return library
 
 
-def load_gemv_kernel() -> None:
-    """Compile (first time), load into torch.ops.hcx_server and self-test the kernel once per process."""
-    global _gemv_loaded
-    with _gemv_lock:
-        if _gemv_loaded:
-            return
-        library = compile_gemv_kernel()
-        try:
-            torch.ops.load_library(str(library))
-        except OSError as exc:
-            raise GemvUnavailable(f"cannot load {library}: {exc}") from None
-        gen = torch.Generator().manual_seed(0)
-        x, w, b = (torch.randn(*shape, generator=gen).bfloat16() for shape in ((1, 1, 100), (37, 100), (37,)))
-        got = torch.ops.hcx_server.gemv_bf16(x, w, b).float()
-        want = torch.nn.functional.linear(x.float(), w.float(), b.float())
-        if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-2, atol=5e-2):
-            raise GemvUnavailable("the built kernel failed its self-test against torch's linear")
-        _gemv_loaded = True
+def kernel_op(variant: str):
+    return getattr(torch.ops.hcx_server, f"gemv_{variant}")
+
+
+def kernel_self_test(variant: str) -> bool:
+    """One variant against torch's linear in fp32, on shapes with odd tails, with bias."""
+    gen = torch.Generator().manual_seed(0)
+    for n, k in ((37, 100), (9, 17), (16, 64)):
+        x, b = torch.randn(1, 1, k, generator=gen).bfloat16(), torch.randn(n, generator=gen).bfloat16()
+        if variant.startswith("int8"):
+            w, s = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8), torch.rand(n, generator=gen) + 0.5
+            got, want = kernel_op(variant)(x, w, s, b), torch.nn.functional.linear(x.float(), w.float() * s[:, None], b.float())
+        else:
+            w = torch.randn(n, k, generator=gen).bfloat16()
+            got, want = kernel_op(variant)(x, w, b), torch.nn.functional.linear(x.float(), w.float(), b.float())
+        if got.shape != want.shape or not torch.allclose(got.float(), want, rtol=1e-2, atol=1e-2 * float(want.abs().max())):
+            log.warning("CPU kernel %s failed its self-test against torch's linear; it will not run", variant)
+            return False
+    return True
+
+
+def load_kernels() -> tuple[str, ...]:
+    """Build (first time), load into torch.ops.hcx_server and self-test, once per process, every
+    variant this CPU runs; returns those that passed (raises KernelUnavailable if none)."""
+    with _kernels_lock:
+        if "error" in _kernels:
+            raise KernelUnavailable(_kernels["error"])
+        if "variants" not in _kernels:
+            try:
+                runnable = [v for v, needs in KERNEL_VARIANTS.items() if needs <= cpu_flags()]
+                if not runnable:
+                    raise KernelUnavailable("this CPU has neither AVX2+FMA nor AVX-512 (or /proc/cpuinfo is unreadable)")
+                library = build_kernels()
+                try:
+                    torch.ops.load_library(str(library))
+                except OSError as exc:
+                    raise KernelUnavailable(f"cannot load {library}: {exc}") from None
+                passed = tuple(v for v in runnable if kernel_self_test(v))
+                if not passed:
+                    raise KernelUnavailable("every CPU kernel failed its self-test against torch")
+            except KernelUnavailable as exc:
+                _kernels["error"] = str(exc)
+                raise
+            _kernels["variants"] = passed
+        return _kernels["variants"]
+
+
+def pick_kernel(want: str, family: str) -> tuple[str, str | None]:
+    """The variant for `family` ("bf16"/"int8") by CPU_KERNEL, or "torch" and the reason why."""
+    if want == "torch":
+        return "torch", "CPU_KERNEL=torch"
+    try:
+        passed = load_kernels()
+    except KernelUnavailable as exc:
+        return "torch", str(exc)
+    ours = [v for v in KERNEL_VARIANTS if v.startswith(family + "_")]  # best first
+    forced = [v for v in ours if v.endswith("_" + want) or (want == "avx512" and "avx512" in v)]
+    for variant in forced if want != "auto" else ours:
+        if variant in passed:
+            return variant, None
+    if want != "auto":
+        log.warning("CPU_KERNEL=%s: this CPU does not run %s; picking the best it runs", want, " or ".join(forced))
+    return next(((v, None) for v in ours if v in passed), ("torch", f"no {family} kernel runs on this CPU"))
+
+
+def many_row_dtype(variant: str) -> torch.dtype:
+    """What many-row products compute in: torch's bf16 matmul where the CPU has bf16 instructions,
+    else fp32 (the weights widened chunk by chunk); a forced AVX2 variant means "as on AVX2"."""
+    return torch.bfloat16 if cpu_has_native_bf16() and not variant.endswith("avx2") else torch.float32
+
+
+def widened_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                   scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (* scale per output) + bias computed in `dtype`, the weight converted
+    WIDEN_CHUNK_BYTES at a time: torch's fastest many-row matmul for bf16 or int8 weights on
+    CPUs without bf16 instructions, with a bounded temporary."""
+    n, k = weight.shape
+    rows = x.reshape(-1, k).to(dtype)
+    out = torch.empty(rows.shape[0], n, dtype=dtype)
+    step = max(16, WIDEN_CHUNK_BYTES // (k * dtype.itemsize))
+    for i in range(0, n, step):
+        torch.mm(rows, weight[i:i + step].to(dtype).t(), out=out[:, i:i + step])
+    if scale is not None:
+        out.mul_(scale)
+    if bias is not None:
+        out.add_(bias)
+    return out.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+class GemvLinear(torch.nn.Linear):
+    """nn.Linear with bf16 weights whose one-row products (every decode step, the prefill's
+    last-token logits) run our kernel and whose many-row products are widened (widened_linear)
+    where the CPU lacks bf16 instructions; everything else is torch's own linear."""
+
+    one_row: Callable | None = None
+    widen_to: torch.dtype | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        one = x.numel() == self.in_features
+        if one and self.one_row is not None and x.dtype == torch.bfloat16:
+            return self.one_row(x.contiguous(), self.weight, self.bias)
+        if not one and self.widen_to is not None:
+            return widened_linear(x, self.weight, self.bias, self.widen_to)
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+class Int8Linear(torch.nn.Linear):
+    """nn.Linear with weight-only int8 weights (WEIGHTS=int8): `weight` int8 [out, in] and
+    `weight_scale` fp32 [out]. One-row products run our kernel, else torch's
+    _weight_int8pack_mm; many-row products widen the weight (widened_linear)."""
+
+    one_row: Callable | None = None
+    widen_to: torch.dtype = torch.float32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        one = x.numel() == self.in_features
+        if one and self.one_row is not None and x.dtype in (torch.bfloat16, torch.float32):
+            return self.one_row(x.contiguous(), self.weight, self.weight_scale, self.bias)
+        if not one or self.in_features % 16:  # torch 2.13's int8 product reads garbage past K % 16
+            compute = self.widen_to if x.dtype == torch.bfloat16 else torch.float32  # fp32 models stay fp32
+            return widened_linear(x, self.weight, self.bias, compute, self.weight_scale)
+        y = torch._weight_int8pack_mm(x.reshape(1, -1).to(torch.bfloat16), self.weight,
+                                      self.weight_scale.to(torch.bfloat16))  # fp32 rows are 10x slower there
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+def _widened_conv_forward(self, x: torch.Tensor) -> torch.Tensor:
+    bias = None if self.bias is None else self.bias.float()
+    return self._conv_forward(x.float(), self.weight.float(), bias).to(x.dtype)
+
+
+class WidenedConv1d(torch.nn.Conv1d):
+    """bf16 Conv1d computed in fp32 on CPUs without bf16 instructions (weights stay bf16)."""
+
+    forward = _widened_conv_forward
+
+
+class WidenedConv2d(torch.nn.Conv2d):
+    """bf16 Conv2d computed in fp32 on CPUs without bf16 instructions, where torch's bf16
+    convolution is 50-70x slower than fp32 (the vision tower's patch embedding, the C-Abstractor)."""
+
+    forward = _widened_conv_forward
+
+
+WIDENED_CONVS = {torch.nn.Conv1d: WidenedConv1d, torch.nn.Conv2d: WidenedConv2d}
+
+
+def use_cpu_kernels(model, variant: str) -> tuple[int, int]:
+    """Point every bf16 / int8 linear layer at `variant` (a KERNEL_VARIANTS key, or "torch") for
+    one-row products and at many_row_dtype(variant) for the rest, in place (same parameters);
+    bf16 convolutions compute in fp32 where that is the many-row dtype.
+    Returns (layers whose one-row products run our kernel, layers whose many-row products widen)."""
+    compute = many_row_dtype(variant)
+    op = None if variant == "torch" else kernel_op(variant)
+    ours = widened = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.device.type != "cpu":
+            continue
+        if type(module) in (torch.nn.Linear, GemvLinear) and weight.dtype == torch.bfloat16 and weight.is_contiguous():
+            module.__class__ = GemvLinear
+            module.one_row = op if variant.startswith("bf16") else None
+            module.widen_to = None if compute == torch.bfloat16 else compute
+        elif type(module) is Int8Linear:
+            module.one_row = op if variant.startswith("int8") else None
+            module.widen_to = compute
+        elif type(module) in WIDENED_CONVS and weight.dtype == torch.bfloat16 and compute == torch.float32:
+            module.__class__ = WIDENED_CONVS[type(module)]
+            widened += 1
+            continue
+        else:
+            continue
+        ours += getattr(module, "one_row", None) is not None
+        widened += getattr(module, "widen_to", None) is not None
+    return ours, widened
+
+
+def use_torch_linears(model) -> int:
+    """Undo use_cpu_kernels: torch's own linear and convolution (int8 layers: torch's int8 product)."""
+    count = 0
+    for module in model.modules():
+        if type(module) is GemvLinear:
+            module.__class__ = torch.nn.Linear
+        elif type(module) is Int8Linear:
+            module.one_row = None
+        elif type(module) in (WidenedConv1d, WidenedConv2d):
+            module.__class__ = type(module).__mro__[1]
+        else:
+            continue
+        count += 1
+    return count
 
 
 def use_gemv_linears(model, enable: bool = True) -> int:
-    """Switch bf16 nn.Linear layers to GemvLinear in place (or back): same parameters, no copy."""
-    count = 0
-    for module in model.modules():
-        if enable and type(module) is torch.nn.Linear and module.weight.dtype == torch.bfloat16 \
-                and module.weight.device.type == "cpu" and module.weight.is_contiguous():
-            module.__class__ = GemvLinear
-            count += 1
-        elif not enable and type(module) is GemvLinear:
-            module.__class__ = torch.nn.Linear
-            count += 1
-    return count
+    """Switch the model's linear layers to our best kernel for this CPU (or back to torch's);
+    returns how many layers our kernel drives one row at a time."""
+    if not enable:
+        use_torch_linears(model)
+        return 0
+    family = "int8" if any(type(m) is Int8Linear for m in model.modules()) else "bf16"
+    return use_cpu_kernels(model, pick_kernel("auto", family)[0])[0]
+
+
+def prepare_cpu_kernels(cfg: Config, m: LoadedModel, report: Callable) -> str:
+    """The CPU part of prepare_generation_backend: our kernel under every bf16 / int8 linear layer
+    ("gemv"), or torch's with the reason logged ("eager")."""
+    want = cfg.generation_backend
+    if m.weights not in ("bf16", "int8"):
+        report("GENERATION_BACKEND=%s: our CPU kernels need bfloat16 or int8 weights, the model is %s; "
+               "using eager generation", want, str(m.dtype).replace("torch.", ""))
+        return "eager"
+    variant, reason = pick_kernel(cfg.cpu_kernel, m.weights)
+    ours, widened = use_cpu_kernels(m.model, variant)
+    m.kernel = variant
+    many = "torch's bf16 matmul" if many_row_dtype(variant) == torch.bfloat16 else "fp32, widened chunk by chunk"
+    if reason is not None:
+        report("GENERATION_BACKEND=%s: %s; one-row products run torch's kernels (%s), many-row products: %s "
+               "(%d layers)", want, reason, "_weight_int8pack_mm" if m.weights == "int8" else "F.linear", many,
+               widened)
+        return "eager"
+    log.info("CPU kernel %s drives %d %s linear layers one row at a time (decode); many-row products: %s "
+             "(%d layers)", variant, ours, m.weights, many, widened)
+    return "gemv" if ours else "eager"
 
 
 def prepare_generation_backend(cfg: Config, m: LoadedModel) -> str:
     """Once at load: `hf` when asked or when our loop cannot drive the model; else `static` on CUDA
-    (static cache + CUDA graphs), `gemv` on AVX512-BF16 CPUs running bf16, else `eager` (the same
-    loop, nothing compiled). Never fails; every fallback is logged with its reason."""
+    (static cache + CUDA graphs), `gemv` on CPUs with AVX2 or AVX-512 running bf16 or int8 weights
+    (our kernels), else `eager` (the same loop, torch's kernels, nothing compiled). Never fails;
+    every fallback is logged with its reason."""
     want = cfg.generation_backend
     report = log.info if want == "auto" else log.warning
+    if m.weights == "int8":  # until our kernels take them: torch's int8 product, many rows widened
+        use_cpu_kernels(m.model, "torch")
     if want == "hf":
         return "hf"
     reason = loop_unsupported(m)
@@ -2785,18 +3074,11 @@ def prepare_generation_backend(cfg: Config, m: LoadedModel) -> str:
                  ", decode step compiled with CUDA graphs" if static.compiled else " (uncompiled on CPU)",
                  time.perf_counter() - started)
         return "static"
-    reason = gemv_unsupported(m)
-    if reason is None:
-        try:
-            load_gemv_kernel()
-        except GemvUnavailable as exc:
-            reason = str(exc)
-    if reason is not None:
-        report("GENERATION_BACKEND=%s: %s; using eager generation", want, reason)
+    if m.device.type != "cpu":
+        report("GENERATION_BACKEND=%s: our kernels are for CPUs and the model is on %s; using eager generation",
+               want, m.device.type)
         return "eager"
-    count = use_gemv_linears(m.model)
-    log.info("GENERATION_BACKEND=%s: %d bf16 linear layers decode with the AVX512-BF16 kernel", want, count)
-    return "gemv" if count else "eager"
+    return prepare_cpu_kernels(cfg, m, report)
 
 
 def describe_failure(exc: BaseException) -> str:
@@ -4958,9 +5240,9 @@ def register_routes(app: Flask, engine: Engine | UpstreamPool) -> None:
         m = engine.model
         return jsonify(status="ok", model=m.name, device=str(m.device), dtype=str(m.dtype).replace("torch.", ""),
                        kind=m.kind, interface=m.interface, revision=m.revision, backend=m.generation_backend,
-                       demo=m.demo, context_length=m.context_length, queue_depth=engine.queue_depth,
-                       max_queue=cfg.max_queue, max_image_bytes=cfg.max_image_bytes, max_images=cfg.max_images,
-                       **({"note": m.note} if m.note else {}))
+                       weights=m.weights, kernel=m.kernel, demo=m.demo, context_length=m.context_length,
+                       queue_depth=engine.queue_depth, max_queue=cfg.max_queue, max_image_bytes=cfg.max_image_bytes,
+                       max_images=cfg.max_images, **({"note": m.note} if m.note else {}))
 
 
 def upstream_health(pool: UpstreamPool) -> tuple[Response, int]:

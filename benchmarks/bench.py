@@ -960,12 +960,87 @@ def _cpu_model() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
+# -- --kernels: one-row kernel read rates against torch.sum ---------------------------------------
+
+KERNEL_BENCH_SHAPE = (8192, 3072)  # one MLP matrix of the HCX decoder
+KERNEL_BENCH_MATRICES = 12  # round-robin: 600 MB of bf16 / 300 MB of int8, far beyond any cache
+
+
+def bench_kernels(threads: int, reps: int) -> list[str]:
+    """GB/s of weight bytes that each one-row product reads (our variants this CPU runs, torch's
+    fp32 / bf16 F.linear and _weight_int8pack_mm), as % of torch.sum over 1 GB in the same run;
+    every variant interleaved (the order rotates), median of `reps`. Returns failed checks."""
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        variants = server.load_kernels()
+    except server.KernelUnavailable as exc:
+        click.echo(f"our CPU kernels cannot run here ({exc}): torch's kernels only")
+        variants = ()
+    n, k = KERNEL_BENCH_SHAPE
+    gen = torch.Generator().manual_seed(0)
+    bf16 = [torch.randn(n, k, generator=gen).bfloat16() for _ in range(KERNEL_BENCH_MATRICES)]
+    int8 = [torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8) for _ in range(KERNEL_BENCH_MATRICES)]
+    fp32 = [torch.randn(n, k, generator=gen) for _ in range(KERNEL_BENCH_MATRICES // 2)]
+    scale = torch.rand(n, generator=gen) / 64
+    scale_bf16 = scale.bfloat16()
+    x = torch.randn(1, 1, k, generator=gen).bfloat16()
+    data = torch.ones(1 << 28)  # 1 GB of fp32
+    failures = []
+
+    def cycle(mats, fn):
+        state = {"i": 0}
+
+        def call():
+            state["i"] += 1
+            return fn(mats[state["i"] % len(mats)])
+        return call
+
+    cases = {"torch.sum (bandwidth)": (data.sum, data.numel() * 4, 1)}
+    for variant in variants:
+        op = server.kernel_op(variant)
+        if variant.startswith("int8"):
+            cases[variant] = (cycle(int8, lambda w, op=op: op(x, w, scale, None)), n * k, 48)
+        else:
+            cases[variant] = (cycle(bf16, lambda w, op=op: op(x, w, None)), n * k * 2, 24)
+        want = torch.nn.functional.linear(x.float(), (int8[0].float() * scale[:, None]) if variant.startswith("int8")
+                                          else bf16[0].float())
+        got = op(x, int8[0], scale, None) if variant.startswith("int8") else op(x, bf16[0], None)
+        if not torch.allclose(got.float(), want, rtol=1e-2, atol=1e-2 * float(want.abs().max())):
+            failures.append(f"kernel {variant} differs from torch's linear")
+    cases["torch F.linear bf16"] = (cycle(bf16, lambda w: torch.nn.functional.linear(x, w)), n * k * 2, 24)
+    cases["torch F.linear fp32"] = (cycle(fp32, lambda w: torch.nn.functional.linear(x.float(), w)), n * k * 4, 12)
+    cases["torch _weight_int8pack_mm"] = (cycle(int8, lambda w: torch._weight_int8pack_mm(x.view(1, k), w, scale_bf16)),
+                                          n * k, 48)
+    rates: dict[str, list[float]] = {name: [] for name in cases}
+    for fn, _, calls in cases.values():
+        fn()  # warm-up
+    for rep in range(reps):
+        for name in _rotated(list(cases), rep):
+            fn, size, calls = cases[name]
+            started = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            rates[name].append(size * calls / (time.perf_counter() - started) / 1e9)
+    limit = _median(rates["torch.sum (bandwidth)"])
+    click.echo(f"one-row products, {n}x{k} weights round-robin over {KERNEL_BENCH_MATRICES} matrices, "
+               f"{threads} thread(s), median of {reps} (GB/s of weight bytes read):")
+    for name, values in rates.items():
+        rate = _median(values)
+        click.echo(f"  {name:28s} {rate:6.1f} GB/s  {100 * rate / limit:4.0f} % of torch.sum"
+                   f"  (range {min(values):.1f}-{max(values):.1f})")
+    return failures
+
+
 @click.command()
 @click.option("--reps", type=click.IntRange(1), default=7, show_default=True, help="Timed repetitions per variant.")
 @click.option("--tokens", type=click.IntRange(2), default=32, show_default=True, help="Tokens per tiny-model answer.")
 @click.option("--threads", type=click.IntRange(1), default=1, show_default=True,
               help="torch threads of the tiny model, in-process and in the server alike.")
 @click.option("--full", is_flag=True, help="Also measure the random full-size model (built once, ~7.4 GB).")
+@click.option("--kernels", is_flag=True, help="Only measure the one-row CPU kernels against torch's and the "
+                                              "memory bandwidth (uses --reps and --threads, default all cores).")
 @click.option("--cache-dir", default=None, help="Where the full-size model is cached (default "
                                                  "~/.cache/hcx-server/bench-full-hcx).")
 @click.option("--full-reps", type=click.IntRange(1), default=3, show_default=True)
@@ -979,13 +1054,18 @@ def _cpu_model() -> str:
 @click.option("--load-seconds", type=click.FloatRange(3), default=20, show_default=True)
 @click.option("--load-clients", type=click.IntRange(1), default=8, show_default=True)
 @click.pass_obj
-def bench(cfg: server.Config, reps, tokens, threads, full, cache_dir, full_reps, full_tokens, full_threads,
+def bench(cfg: server.Config, reps, tokens, threads, full, kernels, cache_dir, full_reps, full_tokens, full_threads,
           full_dtypes, upstream_load, load_seconds, load_clients):
     """Measure server overhead, streaming and (--full) full-size load/prefill/decode; see BENCHMARKS.md."""
     import os
 
-    if upstream_load:
-        failures = bench_upstream_load(cfg, load_seconds, load_clients, tokens)
+    if upstream_load or kernels:
+        if kernels:
+            source = click.get_current_context().get_parameter_source("threads")
+            failures = bench_kernels(threads if source == click.core.ParameterSource.COMMANDLINE else os.cpu_count() or 1,
+                                     reps)
+        else:
+            failures = bench_upstream_load(cfg, load_seconds, load_clients, tokens)
         for failure in failures:
             click.echo(f"check FAILED: {failure}")
         click.echo(f"checks: {'ok' if not failures else 'FAILED'}")

@@ -178,12 +178,13 @@ def test_health_reports_the_image_limits(page_server):
 
 
 def test_wheel_installs_the_page(tmp_path):
-    """`pip install .` (not editable) carries static/ as hcx_server_static, and server finds it."""
+    """`pip install .` (not editable) carries static/ as hcx_server_static (and kernels/ as
+    hcx_server_kernels), and server finds them."""
     src = tmp_path / "src"
     src.mkdir()
     for name in ("pyproject.toml", "README.md", "server.py", "cli.py"):
         shutil.copy(REPO_ROOT / name, src / name)
-    for folder in ("benchmarks", "static"):
+    for folder in ("benchmarks", "static", "kernels"):
         shutil.copytree(REPO_ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
                             "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=180)
@@ -194,17 +195,21 @@ def test_wheel_installs_the_page(tmp_path):
         for path in STATIC.iterdir():  # every file of static/ is one the server serves, and installed
             assert path.suffix in server.STATIC_TYPES, path
             assert zf.read(f"hcx_server_static/{path.name}") == path.read_bytes()
-    assert not any(n.startswith("static/") for n in names), names  # no bare top-level package "static"
+        for path in (REPO_ROOT / "kernels").glob("*.[ch]*"):
+            assert zf.read(f"hcx_server_kernels/{path.name}") == path.read_bytes()
+    assert not any(n.startswith(("static/", "kernels/")) for n in names), names  # no bare top-level packages
     target = tmp_path / "site"
     installed = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
                                 str(wheel)], capture_output=True, text=True, timeout=180)
     assert installed.returncode == 0, installed.stdout + installed.stderr
     probe = subprocess.run(
-        [sys.executable, "-c", "import server; print(server.__file__); print(server.static_folder() / 'app.js')"],
+        [sys.executable, "-c", "import server; print(server.__file__); print(server.static_folder() / 'app.js'); "
+                               "print(server.kernel_sources() / 'ops.cpp')"],
         env=clean_env({"PYTHONPATH": str(target)}), cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert probe.returncode == 0, probe.stderr
-    module, app_js = probe.stdout.split()
+    module, app_js, ops = probe.stdout.split()
     assert Path(module).parent == target and Path(app_js) == target / "hcx_server_static" / "app.js"
+    assert Path(ops) == target / "hcx_server_kernels" / "ops.cpp"
 
 
 # -- in Chromium ---------------------------------------------------------------------------------

@@ -72,11 +72,12 @@ def fp32_reference(folder, with_image: bool):
     return _REFERENCE[key]
 
 
-def assert_close_greedy(ref, got, tolerance: float) -> int:
-    """Returns how many leading tokens are identical; fails outside the stated tolerance."""
+def assert_close_greedy(ref, got, tolerance: float, first_may_tie: bool = False) -> int:
+    """Returns how many leading tokens are identical; fails outside the stated tolerance.
+    first_may_tie: the first token may differ too where it is a near-tie (int8 vs bf16)."""
     (ref_ids, ref_scores, ref_logits), (ids, _, logits) = ref, got
     same = next((i for i, (a, b) in enumerate(zip(ref_ids, ids)) if a != b), len(ref_ids))
-    assert same >= 1, f"first token differs: fp32 {ref_ids[:4]} vs {ids[:4]}"
+    assert same >= 1 or first_may_tie, f"first token differs: fp32 {ref_ids[:4]} vs {ids[:4]}"
     for step in range(min(same + 1, len(ref_ids))):  # prefixes are identical up to and including `same`
         bound = tolerance * max(1.0, float(ref_logits[step].abs().max()))
         diff = float((logits[step] - ref_logits[step]).abs().max())
@@ -92,9 +93,9 @@ def assert_close_greedy(ref, got, tolerance: float) -> int:
 
 
 def test_auto_dtype_on_cpu_follows_native_bf16(monkeypatch):
-    monkeypatch.setattr(server, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(server, "cpu_bf16_pays", lambda cpu_linears=True: True)
     assert server.resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
-    monkeypatch.setattr(server, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(server, "cpu_bf16_pays", lambda cpu_linears=True: False)
     assert server.resolve_dtype("auto", torch.device("cpu")) == torch.float32
 
 
@@ -174,13 +175,13 @@ def test_low_precision_greedy_matches_fp32(request, which, with_image, dtype, vi
     assert_close_greedy(ref, got, LOGIT_TOLERANCE[dtype])
 
 
-# -- the gemv generation backend (AVX512-BF16 decode kernel) ----------------------------------
+# -- the gemv generation backend (our CPU decode kernels; tests/test_kernels.py tests each variant) ---
 
 
 def gemv_or_skip(folder, vision_dtype: str = "auto") -> server.LoadedModel:
     m = loaded(folder, "bfloat16", vision_dtype, backend="gemv")
     if m.generation_backend != "gemv":
-        pytest.skip("the gemv backend does not apply on this machine (no AVX512-BF16 CPU or no C++ compiler)")
+        pytest.skip("the gemv backend does not apply on this machine (no AVX2 CPU or no C++ compiler)")
     return m
 
 
@@ -200,11 +201,9 @@ def test_gemv_backend_gives_eager_greedy_tokens(request, which, with_image, visi
 
 
 def test_gemv_kernel_matches_torch_linear_with_tails_and_bias():
-    if "avx512_bf16" not in server.cpu_flags():
-        pytest.skip("no AVX512-BF16 on this CPU")
     try:
-        server.load_gemv_kernel()
-    except server.GemvUnavailable as exc:
+        server.load_kernels()
+    except server.KernelUnavailable as exc:
         pytest.skip(str(exc))
     gen = torch.Generator().manual_seed(1)
     for n, k, bias in ((1, 32, False), (7, 33, True), (64, 64, False), (37, 100, True), (515, 3072, True)):
