@@ -187,26 +187,24 @@ def _env_str(env: Mapping[str, str], key: str, default: str) -> str:
     return default if value is None or value.strip() == "" else value.strip()
 
 
-def _env_int(env: Mapping[str, str], key: str, default: int, lo: int, hi: int) -> int:
+def _env_number(env: Mapping[str, str], key: str, default, lo, hi, parse: Callable, expected: str):
+    """A number in [lo, hi] (NaN fails the range too), else one ConfigError line saying what was expected."""
     raw = _env_str(env, key, str(default))
     try:
-        value = int(raw)
+        value = parse(raw)
     except ValueError:
-        raise ConfigError(f"{key}={raw!r} is not valid: expected an integer from {lo} to {hi}") from None
+        raise ConfigError(f"{key}={raw!r} is not valid: expected {expected}") from None
     if not lo <= value <= hi:
-        raise ConfigError(f"{key}={value} is out of range: expected an integer from {lo} to {hi}")
+        raise ConfigError(f"{key}={raw} is out of range: expected {expected}")
     return value
+
+
+def _env_int(env: Mapping[str, str], key: str, default: int, lo: int, hi: int) -> int:
+    return _env_number(env, key, default, lo, hi, int, f"an integer from {lo} to {hi}")
 
 
 def _env_float(env: Mapping[str, str], key: str, default: float, lo: float, hi: float) -> float:
-    raw = _env_str(env, key, str(default))
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{key}={raw!r} is not valid: expected a number of seconds from {lo:g} to {hi:g}") from None
-    if not lo <= value <= hi:  # NaN fails this too
-        raise ConfigError(f"{key}={raw} is out of range: expected a number of seconds from {lo:g} to {hi:g}")
-    return value
+    return _env_number(env, key, default, lo, hi, float, f"a number of seconds from {lo:g} to {hi:g}")
 
 
 def _env_bool(env: Mapping[str, str], key: str, default: bool) -> bool:

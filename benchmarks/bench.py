@@ -489,8 +489,18 @@ def _timed_generation(m, req, max_new: int) -> dict:
     times = [at for at, (kind, _) in job.events.items if kind == "token"]
     ids = [value for _, (kind, value) in job.events.items if kind == "token"]
     decode = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan")
-    return {"ids": ids, "ttft": times[0] - started if times else float("nan"), "decode_tok_s": decode,
+    return {"ids": ids, "times": times, "ttft": times[0] - started if times else float("nan"), "decode_tok_s": decode,
             "prompt_tokens": inputs.prompt_tokens, "grids": _grids(inputs.tensors.get("pixel_values_images"))}
+
+
+def _piece_times(m, run: dict) -> list[float]:
+    """When each text piece a stream would send was ready: the token times of a timed generation
+    through the server's own detokenizer (tokens holding half a character wait, as in a stream)."""
+    detok, times = server.Detokenizer(m.tokenizer), []
+    for at, token in zip(run["times"], run["ids"]):
+        if token not in m.stop_token_ids and detok.add(token):
+            times.append(at)
+    return times
 
 
 def _grids(value) -> int:
@@ -607,8 +617,9 @@ def bench_full_child() -> None:
     threads_max = max(job["threads"])
     cfg = server.load_config({**job["env"], "TORCH_THREADS": str(threads_max)})
     started = time.perf_counter()
-    engine = server.Engine(cfg).start(wait=True)
-    m = engine.model
+    # loaded and driven on this one thread: every figure below comes from the same thread and
+    # OpenMP team, so switching thread counts applies to all of them (an engine thread keeps its own)
+    m = server.load_model(cfg)
     load_s = time.perf_counter() - started
     tokens = job["tokens"]
     first = _timed_generation(m, _full_request(cfg, True, 2), 2)  # touches every weight once
@@ -641,10 +652,8 @@ def bench_full_child() -> None:
             for kind in _rotated(["free", "mask"], rep):
                 run = _timed_generation(m, _full_request(cfg, False, tokens, kind == "mask"), tokens)
                 masked[kind].append(run["decode_tok_s"])
-        piece_times, began = [], time.perf_counter()
-        for _ in server.stream(engine, _full_request(cfg, False, tokens)):  # the engine thread, as HTTP uses it
-            piece_times.append(time.perf_counter() - began)
-        cadence.append(_cadence(piece_times))
+        run = _timed_generation(m, _full_request(cfg, False, tokens), tokens)  # as the engine runs it
+        cadence.append(_cadence(_piece_times(m, run)))
     notes, check_ok = [], True
     reference = ids[(loaded, threads_max)]
     for (backend, threads), got in ids.items():
@@ -1038,7 +1047,8 @@ def bench_kernels(threads: int, reps: int) -> list[str]:
 
 
 @click.command()
-@click.option("--reps", type=click.IntRange(1), default=7, show_default=True, help="Timed repetitions per variant.")
+@click.option("--reps", type=click.IntRange(1), default=40, show_default=True,
+              help="Timed repetitions per variant (a 2-core VM varies by +-30 % request to request: medians need many).")
 @click.option("--tokens", type=click.IntRange(2), default=32, show_default=True, help="Tokens per tiny-model answer.")
 @click.option("--threads", type=click.IntRange(1), default=1, show_default=True,
               help="torch threads of the tiny model, in-process and in the server alike.")
